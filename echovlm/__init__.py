@@ -1,0 +1,1 @@
+"""echovlm: train a compact GPT that writes echocardiography reports from study embeddings."""
