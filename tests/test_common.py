@@ -1,0 +1,44 @@
+import json
+import os
+
+import pytest
+import torch
+
+from echovlm import common
+
+
+def test_new_run_dir_never_reuses_a_name(tmp_path):
+    a = common.new_run_dir(tmp_path, "run")
+    (a / "keep.txt").write_text("user data")
+    b = common.new_run_dir(tmp_path, "run")
+    c = common.new_run_dir(tmp_path, "run")
+    assert [a.name, b.name, c.name] == ["run", "run1", "run2"]
+    assert (a / "keep.txt").read_text() == "user data"
+
+
+def test_atomic_writes_leave_no_temp_files(tmp_path):
+    common.atomic_write_json(tmp_path / "x.json", {"a": 1})
+    common.atomic_torch_save({"w": torch.ones(2)}, tmp_path / "ck.pt")
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+    assert torch.load(tmp_path / "ck.pt", weights_only=True)["w"].sum() == 2
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt", "x.json"]
+
+
+def test_failed_atomic_write_keeps_the_old_file(tmp_path):
+    common.atomic_write_text(tmp_path / "f.txt", "old")
+    with pytest.raises(TypeError):
+        common.atomic_write_json(tmp_path / "f.txt", {"bad": object()})
+    assert (tmp_path / "f.txt").read_text() == "old"
+    assert os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_device_and_single_process_init(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert common.autodetect_device("cpu") == "cpu"
+    assert common.autodetect_device() in ("cuda", "mps", "cpu")
+    ddp, rank, local_rank, world, device = common.compute_init("cpu")
+    assert (ddp, rank, local_rank, world, device.type) == (False, 0, 0, 1, "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            common.autodetect_device("cuda")
