@@ -1,0 +1,177 @@
+"""The report card: report.md in a run directory, assembled only from what the pipeline steps wrote there.
+
+Nothing is recomputed here: every number on the card is read from a step's own output file, so the card
+cannot disagree with the logs. A missing file is shown as missing, never filled in.
+
+    python -m echovlm.report RUN_DIR --machine            # record the machine (speedrun does this first)
+    python -m echovlm.report RUN_DIR [--wall-seconds S] [--gpu-hourly-usd 3.0]
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+
+def machine_info() -> dict:
+    import torch  # only here: the card itself needs no torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "cuda": torch.version.cuda, "gpus": []}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_text(path: Path):
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def fmt(x, spec=".4f"):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return format(x, spec)
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def step_times(run: Path) -> list[tuple[str, int]]:
+    rows = []
+    try:
+        with open(run / "steps.tsv") as f:
+            for row in csv.reader(f, delimiter="\t"):
+                if len(row) == 2:
+                    rows.append((row[0], int(row[1])))
+    except OSError:
+        pass
+    return rows
+
+
+def latest(run: Path, name: str) -> Path:
+    """A step's output dir; if it was re-made (eval1, ...) the newest one is the run's."""
+    candidates = sorted(run.glob(f"{name}*"), key=lambda p: p.stat().st_mtime)
+    candidates = [p for p in candidates if p.is_dir() and (p.name == name or p.name[len(name):].isdigit())]
+    return candidates[-1] if candidates else run / name
+
+
+def build_card(run: Path, wall_seconds: int | None = None, gpu_hourly_usd: float = 3.0) -> str:
+    run = Path(run)
+    lines = [f"# echovlm report card: `{run.name}`", ""]
+    machine = read_json(run / "machine.json") or {}
+    gpus = machine.get("gpus") or []
+    lines += ["## Machine", "",
+              f"- GPUs: {len(gpus)}" + (f" x {gpus[0]}" if gpus else " (CPU run)"),
+              f"- CUDA {fmt(machine.get('cuda'))}, torch {fmt(machine.get('torch'))}, Python {fmt(machine.get('python'))}, "
+              f"{fmt(machine.get('cpu_count'))} CPU cores", ""]
+
+    dataset = Path(read_text(run / "dataset").strip()) if read_text(run / "dataset") else None
+    source = (read_text(run / "source") or "unknown").strip()
+    meta = read_json(dataset / "meta.json") if dataset else None
+    lines += ["## Data", "", f"- source: **{source}**" + (" (simulated studies, not real echocardiograms)" if source == "synthetic" else "")]
+    if meta:
+        counts = meta.get("counts") or meta.get("splits") or {}
+        lines += [f"- dataset: `{dataset}`; studies per split: " + ", ".join(f"{k} {fmt(v)}" for k, v in counts.items()),
+                  f"- embedding dim: {fmt(meta.get('embed_dim'))}"]
+    else:
+        lines += ["- dataset meta.json missing"]
+    lines += [""]
+
+    tok = read_json(dataset / "tokenizer" / "tok_stats.json") if dataset else None
+    lines += ["## Tokenizer", ""]
+    if tok:
+        lines += [f"- vocab {fmt(tok.get('vocab_size'))} (rustbpe, trained in {fmt(tok.get('train_seconds'), '.2f')} s)",
+                  f"- compression: {fmt(tok.get('chars_per_token'), '.2f')} chars/token, {fmt(tok.get('bytes_per_token'), '.2f')} bytes/token",
+                  f"- tokens per report: mean {fmt(tok.get('tokens_per_report_mean'), '.1f')}, max {fmt(tok.get('tokens_per_report_max'))}"]
+    else:
+        lines += ["- tok_stats.json missing"]
+    tok_eval = run / "tok_eval"
+    for png in sorted(tok_eval.glob("*.png")):
+        lines += [f"", f"![tokenizer sweep]({png.relative_to(run)})"]
+    lines += [""]
+
+    model_dir = run / "model"
+    summary = read_json(model_dir / "train_summary.json")
+    config = read_json(model_dir / "config.json") or {}
+    lines += ["## Model and training", ""]
+    if summary:
+        lines += [f"- parameters: {fmt(summary.get('params'))}, depth {fmt((config.get('model') or {}).get('depth', config.get('depth')))}",
+                  f"- steps: {fmt(summary.get('steps'))}, training time {fmt(summary.get('train_seconds'), '.0f')} s",
+                  f"- throughput: {fmt(summary.get('tokens_per_sec'), ',.0f')} real tokens/s, "
+                  f"MFU {fmt(summary.get('mfu'), '.1%')}, padding {fmt(summary.get('padding_fraction'), '.1%')}",
+                  f"- val bpb: final {fmt(summary.get('final_val_bpb'))}, best {fmt(summary.get('best_val_bpb'))}"]
+    else:
+        lines += ["- train_summary.json missing (training did not finish)"]
+    for png in sorted(model_dir.glob("*.png")):
+        lines += ["", f"![{png.stem}]({png.relative_to(run)})"]
+    lines += [""]
+
+    eval_dir = latest(run, "eval")
+    lines += ["## Clinical evaluation (test split)", ""]
+    metrics_md = read_text(eval_dir / "metrics.md")
+    lines += [metrics_md.strip() if metrics_md else "- metrics.md missing (evaluation did not finish)", ""]
+    for png in sorted(eval_dir.glob("*.png")):
+        lines += [f"![{png.stem}]({png.relative_to(run)})", ""]
+    language = read_json(eval_dir / "language.json")
+    if language:
+        lines += ["Language metrics (secondary to the clinical table):", "", "```", json.dumps(language, indent=1), "```", ""]
+    samples = read_text(eval_dir / "samples.md")
+    if samples:
+        lines += ["## Sample reports", "", samples.strip(), ""]
+
+    gen = read_json(latest(run, "generate") / "report.json")
+    if gen:
+        lines += ["## Report for one study (scripts.generate_report)", "", "```", gen.get("report", ""), "```", ""]
+
+    times = step_times(run)
+    total = sum(t for _, t in times)
+    n_gpu = max(len(gpus), 1)
+    lines += ["## Time and cost", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {name} | {t:,} |" for name, t in times]
+    lines += [f"| **all steps** | **{total:,}** |", ""]
+    if wall_seconds is not None:
+        lines += [f"- wall time of the last `speedrun.sh` invocation (set-up included): {wall_seconds:,} s"]
+    if gpus:
+        lines += [f"- estimated cost: {total / 3600:.2f} h x {n_gpu} GPU x ${gpu_hourly_usd:.2f}/GPU-hour = "
+                  f"**${total / 3600 * n_gpu * gpu_hourly_usd:.2f}**"]
+    else:
+        lines += ["- CPU run: no GPU cost"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run directory made by speedrun.sh")
+    p.add_argument("--machine", action="store_true", help="record machine.json (GPU, CUDA, torch) and exit")
+    p.add_argument("--wall-seconds", type=int, default=None)
+    p.add_argument("--gpu-hourly-usd", type=float, default=3.0)
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    if not run.is_dir():
+        print(f"report: {run} is not a directory", file=sys.stderr)
+        return 1
+    if args.machine:
+        (run / "machine.json").write_text(json.dumps(machine_info(), indent=2) + "\n")
+        return 0
+    card = build_card(run, args.wall_seconds, args.gpu_hourly_usd)
+    (run / "report.md").write_text(card)
+    print(f"wrote {run / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
