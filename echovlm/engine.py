@@ -162,7 +162,7 @@ class Engine:
         ids[:, k] = tok.bos_id
         prefix_mask = torch.zeros((B, k + 1), dtype=torch.bool, device=dev)
         prefix_mask[:, :k] = True
-        prefix = torch.cat(studies).to(dev)
+        prefix = torch.cat(studies).to(dev, dtype=next(self.model.parameters()).dtype)
         # the last sampled token is never fed back, so the cache needs k+1 + max_tokens-1 positions
         cache = KVCache(self.model.config.n_layer, k + max_tokens)
         with self.autocast:

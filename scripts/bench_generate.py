@@ -1,0 +1,106 @@
+"""Generation speed: batched KV-cached decoding vs one study at a time, in the same run on the same studies.
+
+    python -m scripts.bench_generate --run runs/speedrun/model          # a trained model, its test studies
+    python -m scripts.bench_generate --depth 4 --max-tokens 128         # an untrained model of that depth
+
+Both modes decode greedily, so they write the very same tokens (checked here) and the ratio of their speeds is
+the whole story. One-at-a-time is timed on the first --single-studies studies only (it is the slow one) and
+compared per report. An untrained model rarely says <|eos|>, so its reports run to --max-tokens: a worst case.
+"""
+
+import argparse
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from echovlm.common import autodetect_device, print0
+from echovlm.engine import Engine
+
+
+def timed_generate(engine, embeddings, device, **kwargs):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = engine.generate(embeddings, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", help="training run directory (or checkpoint .pt); its test studies are the inputs")
+    p.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint to load with --run")
+    p.add_argument("--depth", type=int, default=4, help="without --run: depth of the untrained model")
+    p.add_argument("--vocab-size", type=int, default=2003, help="without --run: vocabulary incl. 3 specials")
+    p.add_argument("--sequence-len", type=int, default=256, help="without --run: the model's sequence length")
+    p.add_argument("--embed-dim", type=int, default=512, help="without --run: study embedding size")
+    p.add_argument("--k", type=int, default=1, help="without --run: embeddings per study")
+    p.add_argument("--studies", type=int, default=64, help="studies generated in batched mode")
+    p.add_argument("--single-studies", type=int, default=8, help="of those, how many are also run one at a time")
+    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together in batched mode")
+    p.add_argument("--max-tokens", type=int, default=None, help="report tokens per study (default: fill sequence_len)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not 1 <= args.single_studies <= args.studies:
+        p.error(f"--single-studies must be between 1 and --studies ({args.studies})")
+
+    device = torch.device(autodetect_device(args.device))
+    torch.manual_seed(args.seed)
+    if args.run:
+        from echovlm.checkpoint import load_model
+        from echovlm.dataset import open_dataset
+
+        model, tokenizer, info = load_model(args.run, device, which=args.which)
+        embeddings = open_dataset(info["dataset"]).embeddings("test")[:args.studies]
+        if len(embeddings) < args.studies:
+            raise SystemExit(f"bench_generate: the test split has only {len(embeddings)} studies; lower --studies")
+        source = f"{args.run} ({args.which})"
+    else:
+        from echovlm.gpt import GPT, GPTConfig
+
+        config = GPTConfig(depth=args.depth, vocab_size=args.vocab_size, embed_dim=args.embed_dim,
+                           sequence_len=args.sequence_len)
+        model = GPT(config).to(device)
+        if hasattr(model, "init_weights"):
+            model.init_weights()
+        # an untrained model needs no trained tokenizer, only the special ids, which sit at the top of the vocab
+        v = args.vocab_size
+        tokenizer = SimpleNamespace(pad_id=v - 3, bos_id=v - 2, eos_id=v - 1)
+        rng = np.random.default_rng(args.seed)
+        embeddings = [rng.standard_normal((args.k, args.embed_dim)).astype(np.float32) for _ in range(args.studies)]
+        source = f"untrained depth-{args.depth} model"
+    model.eval()
+    engine = Engine(model, tokenizer)
+    gen = dict(max_tokens=args.max_tokens, temperature=0.0)
+    n_params = sum(p.numel() for p in model.parameters())
+    print0(f"{source}: {n_params / 1e6:.2f}M parameters on {device}, {torch.get_num_threads()} CPU threads")
+
+    engine.generate(embeddings[:2], batch_size=2, **gen)  # warm-up: allocator, kernels, lazy init
+    batched, t_batched = timed_generate(engine, embeddings, device, batch_size=args.batch_size, **gen)
+    single, t_single = [], 0.0
+    for e in embeddings[:args.single_studies]:
+        out, dt = timed_generate(engine, [e], device, batch_size=1, **gen)
+        single += out
+        t_single += dt
+    if single != batched[:args.single_studies]:
+        raise SystemExit("bench_generate: batched and one-at-a-time greedy outputs differ; the engine is broken")
+
+    n_b, n_s = len(batched), len(single)
+    tok_b = sum(len(r[0]) for r in batched)
+    tok_s = sum(len(r[0]) for r in single)
+    rps_b, rps_s = n_b / t_batched, n_s / t_single
+    print0(f"batched (batch {args.batch_size}):  {n_b} reports, {tok_b} tokens in {t_batched:.2f}s: "
+           f"{rps_b:.2f} reports/s, {tok_b / t_batched:.0f} tokens/s")
+    print0(f"one at a time:        {n_s} reports, {tok_s} tokens in {t_single:.2f}s: "
+           f"{rps_s:.2f} reports/s, {tok_s / t_single:.0f} tokens/s")
+    print0(f"speed-up: {rps_b / rps_s:.1f}x reports/s, {(tok_b / t_batched) / (tok_s / t_single):.1f}x tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
