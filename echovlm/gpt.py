@@ -1,0 +1,233 @@
+"""The report writer: a compact decoder-only transformer that reads study embeddings as a prefix.
+
+Modern nanoGPT/nanochat recipe: rotary position embeddings, RMSNorm without learnable parameters, QK-norm,
+ReLU^2 MLP (4x), no biases, untied input/output embeddings, logits soft-capped at 15*tanh(x/15), attention
+through F.scaled_dot_product_attention.
+
+One size knob, `depth`: width = 64 * depth and heads of 128 dims (n_head = max(1, width // 128)), so a
+deeper model is also a wider one. Default depth 8: width 512, 4 heads, 8 layers; with a 2000-token BPE
+vocabulary (+3 specials) and 512-d study embeddings that is 27.5M parameters (25.2M in the blocks).
+
+A study enters as k >= 1 embedding vectors (EchoPrime: one 512-d study embedding). A learned projection
+(Linear(embed_dim, width) then RMSNorm, so a projected study vector has the same scale as a token
+embedding) maps each to width, and they are scattered into the sequence where `prefix_mask` is True.
+Per study the sequence is [e_1 .. e_k, <|bos|>, report tokens, <|eos|>, <|pad|> ...]: right padding
+after causal attention never influences a real position, so batches need no attention mask.
+
+Targets are next tokens: the <|bos|> position predicts the first report word, the last report token
+predicts <|eos|>; prefix and padding positions carry -1 (ignored). The prefix is never predicted: it is
+a continuous input, not a token.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOGIT_SOFTCAP = 15.0
+HEAD_DIM = 128
+
+
+@dataclass
+class GPTConfig:
+    depth: int = 8
+    vocab_size: int = 2003
+    embed_dim: int = 512
+    sequence_len: int = 256
+
+    # derived sizes are properties, not fields, so asdict(config) holds only what rebuilds the model
+    @property
+    def n_layer(self) -> int:
+        return self.depth
+
+    @property
+    def n_embd(self) -> int:
+        return 64 * self.depth
+
+    @property
+    def n_head(self) -> int:
+        return max(1, self.n_embd // HEAD_DIM)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, hd): rotate the two halves of each head as complex pairs by position-dependent angles
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        width = config.n_embd
+        self.c_q = nn.Linear(width, width, bias=False)
+        self.c_k = nn.Linear(width, width, bias=False)
+        self.c_v = nn.Linear(width, width, bias=False)
+        self.c_proj = nn.Linear(width, width, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded whatever the residual stream's scale
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        T_total = k.shape[2]
+        if T == T_total:
+            # training, or prefill into an empty cache: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            # one new token per row attends to everything cached, itself included
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=False)
+        else:
+            raise ValueError(f"attention with {T} new positions over {T_total} cached ones is not supported: "
+                             "prefill into an empty cache, then decode one token at a time")
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.depth < 1 or config.vocab_size < 4 or config.embed_dim < 1 or config.sequence_len < 2:
+            raise ValueError(f"invalid GPTConfig {config}: depth >= 1, vocab_size >= 4, embed_dim >= 1, "
+                             "sequence_len >= 2 are needed")
+        self.config = config
+        width = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, width)
+        self.projector = nn.Linear(config.embed_dim, width, bias=False)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.lm_head = nn.Linear(width, config.vocab_size, bias=False)
+        cos, sin = self._rotary(config.sequence_len, config.head_dim)
+        # buffers move with .to(device) but are rebuilt from the config, not saved in checkpoints
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    @staticmethod
+    def _rotary(seq_len: int, head_dim: int, base: float = 10000.0):
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+        return angles.cos()[None, None], angles.sin()[None, None]  # (1, 1, T, hd/2)
+
+    @torch.no_grad()
+    def init_weights(self):
+        width = self.config.n_embd
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.projector.weight, std=self.config.embed_dim ** -0.5)
+        # a near-zero output layer starts the model at a uniform next-token distribution
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        bound = math.sqrt(3.0) * width ** -0.5  # uniform with std 1/sqrt(fan_in)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -bound, bound)
+            # each residual branch starts as the identity; Muon grows it from the first step
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token (forward + backward) at full sequence_len context.
+
+        6 per parameter per token for the matmuls (token embedding lookups excluded: they are gathers),
+        plus 12 * layers * width * T for the attention scores and weighted sums (Chinchilla/nanochat).
+        """
+        c = self.config
+        matmul_params = self.num_params() - self.wte.weight.numel()
+        return 6.0 * matmul_params + 12.0 * c.n_layer * c.n_embd * c.sequence_len
+
+    def setup_optimizers(self, matrix_lr=0.02, embedding_lr=0.2, projector_lr=0.02, unembedding_lr=0.004,
+                         weight_decay=0.0, betas=(0.8, 0.95)):
+        """[AdamW for the token embedding, projector and lm_head; Muon for every 2-D block matrix].
+
+        AdamW learning rates are given for width 768 and scaled by 1/sqrt(width/768) (as nanochat), so
+        the same flags suit every depth. Muon (torch.optim.Muon) orthogonalises each matrix's momentum, so
+        its update size does not depend on the gradient's scale; its default lr adjustment
+        (lr * sqrt(max(1, rows/cols))) is the one nanochat's Muon uses, for which lr 0.02 is tuned.
+        Each group keeps its base lr in "initial_lr": the training schedule multiplies that.
+        """
+        scale = (self.config.n_embd / 768) ** -0.5
+        adam_groups = [
+            dict(params=[self.wte.weight], lr=embedding_lr * scale),
+            dict(params=[self.projector.weight], lr=projector_lr * scale),
+            dict(params=[self.lm_head.weight], lr=unembedding_lr * scale),
+        ]
+        adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, weight_decay=weight_decay)
+        matrices = [p for p in self.blocks.parameters()]
+        assert all(p.ndim == 2 for p in matrices), "Muon only takes 2-D parameters"
+        muon = torch.optim.Muon(matrices, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
+        optimizers = [adamw, muon]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return optimizers
+
+    def forward(self, ids, prefix, prefix_mask, targets=None, kv_cache=None, loss_reduction="mean"):
+        """ids (B, T) long, pad_id at prefix slots; prefix (P, embed_dim): the batch's study embeddings in
+        row-major order of prefix_mask's True entries (P == prefix_mask.sum()); targets (B, T), -1 = ignore.
+
+        Returns the loss (mean over non-ignored targets, or their sum with loss_reduction="sum") when
+        targets are given, else float32 logits (B, T, V). With a kv_cache, T counts only the new positions.
+        """
+        B, T = ids.shape
+        if prefix.ndim != 2 or prefix.shape[1] != self.config.embed_dim:
+            raise ValueError(f"prefix must be (P, {self.config.embed_dim}), got {tuple(prefix.shape)}")
+        pos = kv_cache.pos if kv_cache is not None else 0
+        if pos + T > self.config.sequence_len:
+            raise ValueError(f"{pos + T} positions exceed the model's sequence_len {self.config.sequence_len}")
+        cos, sin = self.cos[:, :, pos:pos + T], self.sin[:, :, pos:pos + T]
+
+        x = self.wte(ids)
+        if prefix.shape[0] > 0:
+            p = norm(self.projector(prefix.to(self.projector.weight.dtype)))
+            # masked_scatter fills the True slots in row-major order with consecutive rows of p
+            x = x.masked_scatter(prefix_mask.unsqueeze(-1), p.to(x.dtype))
+        x = norm(x)
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache)
+        x = norm(x)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+
+        logits = self.lm_head(x).float()
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
