@@ -84,7 +84,8 @@ def sample_states(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     s["pacemaker"] = _chance(rng, -3.0 + 0.6 * age + 0.8 * hf)
 
     # aortic valve and root; a TAVR replaces the native valve, so it leaves no native stenosis behind
-    s["tavr"] = _chance(rng, -3.4 + 1.2 * age) & ~s["impella"]
+    # (nor in a bicuspid valve here: the report of a TAVR describes the prosthesis, not the native leaflets)
+    s["tavr"] = _chance(rng, -3.4 + 1.2 * age) & ~s["impella"] & ~s["bicuspid"]
     s["aortic_stenosis"] = np.where(s["tavr"], 0, _grade(rng, -1.3 + 0.9 * age + 2.0 * s["bicuspid"]))
     s["root_dilation"] = _grade(rng, -1.2 + 1.8 * s["bicuspid"] + 0.5 * s["male"] + 0.3 * age)
     s["aortic_regurgitation"] = _grade(rng, -1.3 + 1.0 * s["bicuspid"] + 0.8 * (s["root_dilation"] >= 2) + 0.2 * age)
@@ -453,19 +454,20 @@ def iter_chunks(n_studies: int, seed: int = 0, signal: float = DEFAULT_SIGNAL, v
         n = len(studies)
         r = random.Random(int(rng.integers(2 ** 63)))
         texts, labels = zip(*(write_report(r, s, i) for i in range(n)))
-        emb = embed_states(rng, s, signal, videos_per_study, embed_dim)
+        # a full chunk always: study i must not depend on n_studies, not even in the last bit of a matmul
+        emb = embed_states(rng, s, signal, videos_per_study, embed_dim)[:n * videos_per_study]
         yield SyntheticStudies(studies=studies, patients=patients, reports=list(texts), labels=list(labels),
-                               embeddings=emb, offsets=np.arange(n + 1, dtype=np.int64) * videos_per_study, states=s)
+                               embeddings=emb, offsets=np.arange(n + 1, dtype=np.int64) * videos_per_study,
+                               states={k: v[:n] for k, v in s.items()})
 
 
 def _chunk(n_studies: int, seed: int, c: int):
-    """Random stream, states, study ids and patient ids of chunk c."""
+    """Random stream, the full chunk's states, and the ids of its first min(CHUNK, studies left) studies."""
     n = min(CHUNK, n_studies - c * CHUNK)
     rng = np.random.default_rng([seed, c])
-    s = sample_states(rng, CHUNK)  # always a full chunk: study i must not depend on n_studies
-    s = {k: v[:n] for k, v in s.items()}
+    s = sample_states(rng, CHUNK)
     studies = [f"SYN{c * CHUNK + i:08d}" for i in range(n)]
-    patients = [f"SYNP{c:05d}-{p:04d}" for p in s["patient"]]
+    patients = [f"SYNP{c:05d}-{p:04d}" for p in s["patient"][:n]]
     return rng, s, studies, patients
 
 
