@@ -1,0 +1,641 @@
+"""Clinical labels from report text, and the metrics that compare two sets of them.
+
+Every report, generated or reference, goes through the same extractor, so a model is scored on what its
+reports *say*: 23 binary traits (positive only at moderate or worse where the trait is graded) and two
+numbers, LVEF (%) and PA systolic pressure (mmHg).
+
+How a binary trait is read (all rules are our own regular expressions, in the tables below):
+
+1. The text is lower-cased and its whitespace and dashes normalised. A line "<Section>: ..." (one of the 16
+   report sections) starts a section; "[SEP]" also ends one. A line break ends a sentence unless the next
+   line starts in lower case (a wrapped line). Sentences end at . ; ! ? (not at the point of "2.3 cm").
+2. In each sentence, a finding is an explicit phrase ("moderate aortic stenosis", "the left atrium is
+   severely dilated") or a bare one ("moderate stenosis") that is read as the structure the sentence is
+   about: the section's structure, or the one the sentence names. A bare phrase whose clause names another
+   structure (another valve for a valve finding) belongs to that one and is skipped.
+3. The finding's clause runs from the previous boundary (, : ; and but with whereas although however while)
+   to the next one. The finding is negated by no / not / without / absent / ruled out / no evidence of ...
+   before it in its clause (across "or", so "no stenosis or regurgitation" negates both; not across a comma
+   or "and", so "no stenosis, moderate regurgitation" keeps the regurgitation), or by "is not seen",
+   "is absent", "was ruled out" right after it. "No change" and "not changed" are not negations.
+4. A graded finding needs a severity of moderate or worse in its clause: the word inside the phrase, else
+   the nearest one before it, else the first after it ("aortic stenosis is severe", "effusion, moderate in
+   size"). "Mild to moderate", "small to moderate", "trace", "trivial" ... are below moderate.
+
+Numbers: the first statement in the report wins, a range gives its midpoint ("55-60%" -> 57.5), and values
+outside 0-100 (EF) or 0-200 mmHg (PASP) are None. RVSP counts as PASP (with no pulmonic stenosis they are
+the same number, and reports often give only the RVSP), but an explicit PA systolic pressure is preferred.
+
+load_echoprime_rules() reads EchoPrime's own phrase list from the user's checkout instead, for numbers that
+are comparable with published tables. Its phrases are never copied into this repository.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import mean_absolute_error, r2_score, roc_auc_score
+
+BINARY_TRAITS = [
+    "pacemaker", "impella", "tavr", "mitraclip", "aortic_root_dilation", "left_atrium_dilation",
+    "right_atrium_dilation", "right_ventricle_dilation", "aortic_stenosis", "mitral_stenosis",
+    "tricuspid_stenosis", "aortic_regurgitation", "mitral_regurgitation", "tricuspid_valve_regurgitation",
+    "pulmonic_valve_regurgitation", "mitral_annular_calcification", "bicuspid_aov_morphology", "dilated_ivc",
+    "pericardial_effusion", "rv_systolic_function_depressed", "elevated_left_atrial_pressure",
+    "wall_motion_hypokinesis", "atrial_septum_hypertrophy",
+]
+CONTINUOUS_TRAITS = ["ejection_fraction", "pulmonary_artery_pressure_continuous"]
+TRAITS = {**{t: "binary" for t in BINARY_TRAITS}, **{t: "continuous" for t in CONTINUOUS_TRAITS}}
+
+SECTIONS = ["Left Ventricle", "Resting Segmental Wall Motion Analysis", "Right Ventricle", "Left Atrium",
+            "Right Atrium", "Atrial Septum", "Mitral Valve", "Aortic Valve", "Tricuspid Valve", "Pulmonic Valve",
+            "Pericardium", "Aorta", "IVC", "Pulmonary Artery", "Pulmonary Veins", "Postoperative Findings"]
+
+# ------------------------------------------------------------------ vocabulary
+
+# The structures a sentence can be about; a section header stands for one of them.
+STRUCTURES = {
+    "left ventricle": r"left ventric(?:le|ular)|\blv\b",
+    "right ventricle": r"right ventric(?:le|ular)|\brv\b",
+    "left atrium": r"left atri(?:um|al)|\bla\b",
+    "right atrium": r"right atri(?:um|al)|\bra\b",
+    "atrial septum": r"atrial sept(?:um|al)|\bias\b",
+    "mitral valve": r"\bmitral\b",
+    "aortic valve": r"\baortic\b(?! root| arch| sinus)|\bav\b",
+    "tricuspid valve": r"\btricuspid\b",
+    "pulmonic valve": r"\bpulmonic\b|pulmonary valve",
+    "pericardium": r"pericardi",
+    "aorta": r"aortic root|sinus(?:es)? of valsalva|\broot\b",
+    "ivc": r"\bivc\b|inferior vena cava",
+    "pulmonary artery": r"pulmonary arter|\bpa\b",
+    "pulmonary veins": r"pulmonary vein",
+    # not sections, but a bare "stenosis" or "effusion" next to them is theirs, not the section's
+    "other": r"pleural|\blvot\b|outflow tract|subaortic|subvalvular|supravalvular|coronary|septal defect|"
+             r"(?:ascending|descending|abdominal|thoracic) aorta|aortic arch",
+}
+SECTION_STRUCTURE = {s.lower(): s.lower() for s in SECTIONS if s.lower() in STRUCTURES}
+SECTION_STRUCTURE.update({"resting segmental wall motion analysis": "left ventricle", "aortic valve": "aortic valve",
+                          "mitral valve": "mitral valve", "tricuspid valve": "tricuspid valve",
+                          "pulmonic valve": "pulmonic valve"})
+VALVES = ("aortic valve", "mitral valve", "tricuspid valve", "pulmonic valve", "other")
+ALL_STRUCTURES = tuple(STRUCTURES)
+
+# Severity words, compound phrases first so "mild to moderate" is never read as "moderate".
+SEVERITY = [
+    (r"mild(?:ly)? (?:to )?moderate(?:ly)?|small (?:to )?moderate|trace (?:to )?mild|[12]\+", "low"),
+    (r"moderate(?:ly)? (?:to )?severe(?:ly)?|moderate(?:ly)? (?:to )?large|at least moderate(?:ly)?|"
+     r"very (?:severe|large)|[34]\+", "high"),
+    (r"trace|trivial|minimal(?:ly)?|mild(?:ly)?|small|tiny|physiologic(?:al)?|borderline|slight(?:ly)?", "low"),
+    (r"moderate(?:ly)?|severe(?:ly)?|large|critical|massive(?:ly)?|marked(?:ly)?|torrential|huge", "high"),
+]
+SEVERITY_RE = re.compile("|".join(rf"(?<![\w+])(?:{p})(?!\w)" for p, _ in SEVERITY))
+NEGATION_RE = re.compile(r"\b(?:no|not|without|absent|negative for|absence of|free of|rule out|ruled out|"
+                         r"excluded|neither|nor|never)\b")
+PSEUDO_NEGATION_RE = re.compile(r"\bno (?:significant |interval )*change|\bnot (?:significantly )?changed|"
+                                r"\bnot (?:well )?(?:seen|visuali[sz]ed) (?:well )?(?=but)")
+NEGATED_AFTER_RE = re.compile(r"\s*(?:is |are |was |were |has been |have been )?(?:not (?:seen|visuali[sz]ed|"
+                              r"present|identified|demonstrated|detected|appreciated|noted|observed)|absent|"
+                              r"ruled out|excluded|removed)\b")
+BOUNDARY_RE = re.compile(r"[,:;]|\b(?:and|but|with|whereas|although|though|however|while|yet)\b")
+# a severity word qualifies the next finding: one before these words is theirs ("severe TR can lead to RA enlargement")
+FINDING_WORD_RE = re.compile(r"\b(?:regurgitation|insufficiency|stenosis|effusion|dilation|dilatation|enlargement|"
+                             r"calcification|hypertrophy|dysfunction|hypokinesis|dilated|enlarged|calcified|thickened|"
+                             r"hypertrophied|sclerotic|reduced|depressed|impaired)\b")
+SEV = "|".join(p for p, _ in SEVERITY)
+SEVERITY_AFTER_COMMA_RE = re.compile(rf",\s*(?:which |that )?(?:(?:is|are|was|appears?|seems?) )?(?:to be )?"
+                                     rf"(?P<s>{SEV})(?: in (?:size|severity|degree))?\s*(?:,|$)")
+SEVERITY_BEFORE_COMMA_RE = re.compile(rf"(?<![\w+])(?P<s>{SEV})\s*$")
+
+
+def _either(*alternatives: str) -> str:
+    return "|".join(alternatives)
+
+
+# up to three words between a structure and its state: "the left atrium is at least moderately dilated"
+_FILLER = r"(?: (?!and\b|but\b|with\b|or\b)[\w'+]+){0,3}?"
+_VERB = r"(?:,? which)? (?:is|are|was|were|appears?|seems?|remains?|looks?|has become)(?: to be)?"
+
+
+def phrases(subject: str, nouns: str = "", adjectives: str = "") -> tuple[str, ...]:
+    """The usual ways a report ties a state to a structure: 'dilated left atrium', 'the left atrium is
+    moderately dilated', 'left atrial enlargement', 'dilation of the left atrium'."""
+    forms = []
+    if adjectives:
+        forms += [rf"\b(?:{adjectives}) (?:{subject})", rf"(?:{subject}){_VERB}{_FILLER} (?:{adjectives})\b"]
+    if nouns:
+        forms += [rf"(?:{subject}) (?:{nouns})\b", rf"\b(?:{nouns}) (?:of|involving) the (?:{subject})"]
+    return tuple(forms)
+
+
+VALVE_WORDS = {"aortic": r"aortic", "mitral": r"mitral", "tricuspid": r"tricuspid", "pulmonic": r"pulmonic|pulmonary"}
+STENOSIS = r"stenosis"
+REGURGITATION = r"regurgitation|insufficiency|regurgitant jet"
+
+
+def valve(name: str, nouns: str, adjective: str) -> tuple[str, ...]:
+    """A valve finding, also inside a list of valves: 'moderate mitral and tricuspid regurgitation'."""
+    others = _either(*(w for v, w in VALVE_WORDS.items() if v != name))
+    joint = r"(?:,? and|,|,? or)"
+    subject = (rf"\b(?:(?:{others})(?: valve)?{joint} )*(?:{VALVE_WORDS[name]})(?: valve)?"
+               rf"(?:{joint} (?:{others})(?: valve)?)*")
+    abbreviation = {"aortic": r"\b(?:ar|ai)\b", "mitral": r"\bmr\b", "tricuspid": r"\btr\b", "pulmonic": r"\bpr\b"}
+    extra = (abbreviation[name],) if nouns == REGURGITATION else ()
+    return phrases(subject, nouns, adjective) + extra
+
+
+DILATED = r"dilated|enlarged"
+DILATION = r"dilation|dilatation|enlargement"
+DEPRESSED = r"depressed|reduced|decreased|impaired|diminished"
+RV_FUNCTION = r"(?:rv|right ventricular) (?:global )?(?:systolic )?function|systolic function of the right ventricle"
+LA = r"left atri(?:um|al)(?: cavity| size| volume(?: index)?)?|\bla\b"
+RA = r"right atri(?:um|al)(?: cavity| size| volume(?: index)?)?|\bra\b"
+RV = r"right ventric(?:le|ular)(?: cavity| size)?|\brv\b"
+ROOT = r"aortic root(?: at the sinus(?:es)? of valsalva)?|sinus(?:es)? of valsalva"
+IVC = r"\bivc\b|inferior vena cava"
+LA_PRESSURE = (r"left atrial pressures?|\bla pressures?|\blap\b|\blvedp\b|(?:lv|left ventricular) (?:end diastolic |"
+               r"filling )?pressures?|(?<!right sided )(?<!right )filling pressures?")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """How one binary trait is stated.
+
+    graded: phrases that count only at moderate or worse; present: phrases that count whenever stated and
+    not negated; bare: the short form ("stenosis", "dilated") read as the `about` structure in a sentence
+    about it (its section, or a sentence naming it), unless the clause names one of `blocked_by`;
+    at_least_cm: a diameter of the `about` structure at or above this value also counts (IVC).
+    """
+
+    graded: tuple[str, ...] = ()
+    present: tuple[str, ...] = ()
+    bare: str = ""
+    about: tuple[str, ...] = ()
+    blocked_by: tuple[str, ...] = ALL_STRUCTURES
+    at_least_cm: float | None = None
+
+
+FINDINGS = {
+    "pacemaker": Finding(present=(r"\b(?:pacemaker|pacer|a?icd|defibrillator)(?: (?:leads?|wires?))?\b|"
+                                  r"\b(?:pacing|device) (?:leads?|wires?)\b",),
+                         bare=r"\b(?:leads?|wires?)\b(?! to\b)", about=("right atrium", "right ventricle"),
+                         blocked_by=()),
+    "impella": Finding(present=(r"\bimpella",)),
+    "tavr": Finding(present=(r"\btav[ri]\b|transcatheter aortic valve|stent valve|"
+                             r"bioprosthe(?:tic|sis)(?: valve)? (?:is )?(?:present |seen |noted )?in the aortic position|"
+                             r"bioprosthetic (?:aortic valve|avr)|aortic (?:valve )?bioprosthesis|"
+                             r"\b(?:corevalve|evolut|sapien)\b",),
+                        bare=r"bioprosthe(?:tic|sis)", about=("aortic valve",), blocked_by=VALVES),
+    "mitraclip": Finding(present=(r"mitra ?clips?\b|mitral (?:valve )?clips?\b",),
+                         bare=r"\bclips?\b", about=("mitral valve",), blocked_by=VALVES),
+    "aortic_root_dilation": Finding(graded=phrases(ROOT, DILATION, DILATED), bare=rf"\b(?:{DILATED}|{DILATION})\b",
+                                    about=("aorta",)),
+    "left_atrium_dilation": Finding(graded=phrases(LA, DILATION, DILATED) + phrases(r"biatrial|both atria|left and right atria",
+                                                                                     DILATION, DILATED),
+                                    bare=rf"\b(?:{DILATED}|{DILATION})\b", about=("left atrium",)),
+    "right_atrium_dilation": Finding(graded=phrases(RA, DILATION, DILATED) + phrases(r"biatrial|both atria|left and right atria",
+                                                                                      DILATION, DILATED),
+                                     bare=rf"\b(?:{DILATED}|{DILATION})\b", about=("right atrium",)),
+    "right_ventricle_dilation": Finding(graded=phrases(RV, DILATION, DILATED), bare=rf"\b(?:{DILATED}|{DILATION})\b",
+                                        about=("right ventricle",)),
+    "aortic_stenosis": Finding(graded=valve("aortic", STENOSIS, "stenotic"), bare=r"\b(?:stenosis|stenotic)\b",
+                               about=("aortic valve",), blocked_by=VALVES),
+    "mitral_stenosis": Finding(graded=valve("mitral", STENOSIS, "stenotic"), bare=r"\b(?:stenosis|stenotic)\b",
+                               about=("mitral valve",), blocked_by=VALVES),
+    "tricuspid_stenosis": Finding(graded=valve("tricuspid", STENOSIS, "stenotic"), bare=r"\b(?:stenosis|stenotic)\b",
+                                  about=("tricuspid valve",), blocked_by=VALVES),
+    "aortic_regurgitation": Finding(graded=valve("aortic", REGURGITATION, "regurgitant"),
+                                    bare=rf"\b(?:{REGURGITATION})\b", about=("aortic valve",), blocked_by=VALVES),
+    "mitral_regurgitation": Finding(graded=valve("mitral", REGURGITATION, "regurgitant"),
+                                    bare=rf"\b(?:{REGURGITATION})\b", about=("mitral valve",), blocked_by=VALVES),
+    "tricuspid_valve_regurgitation": Finding(graded=valve("tricuspid", REGURGITATION, "regurgitant"),
+                                             bare=rf"\b(?:{REGURGITATION})\b", about=("tricuspid valve",),
+                                             blocked_by=VALVES),
+    "pulmonic_valve_regurgitation": Finding(graded=valve("pulmonic", REGURGITATION, "regurgitant"),
+                                            bare=rf"\b(?:{REGURGITATION})\b", about=("pulmonic valve",),
+                                            blocked_by=VALVES),
+    "mitral_annular_calcification": Finding(graded=phrases(r"mitral annul(?:us|ar)", r"calcification", r"calcified")
+                                            + (r"\bmac\b",),
+                                            bare=r"\bannul(?:us|ar)(?: calcification| (?:is )?(?:\w+ )?calcified)",
+                                            about=("mitral valve",), blocked_by=VALVES),
+    "bicuspid_aov_morphology": Finding(present=(r"\bbicuspid\b|\bbicommissural\b",)),
+    "dilated_ivc": Finding(present=phrases(IVC, DILATION, rf"{DILATED}|plethoric"),
+                           bare=rf"\b(?:{DILATED}|plethoric)\b", about=("ivc",), at_least_cm=2.0),
+    "pericardial_effusion": Finding(graded=(r"pericardial effusion", r"effusion (?:in|within) the pericardi"),
+                                    present=(r"tamponade",), bare=r"\beffusion\b", about=("pericardium",)),
+    "rv_systolic_function_depressed": Finding(
+        graded=phrases(RV_FUNCTION, adjectives=DEPRESSED)
+        + (rf"(?:{RV}) (?:has|shows|with|demonstrates){_FILLER} (?:{DEPRESSED}) (?:global )?systolic function",
+           r"(?:rv|right ventricular) (?:systolic )?dysfunction"),
+        present=(r"mcconnell'?s? sign",),
+        bare=rf"\b(?:{DEPRESSED}) (?:global )?systolic function|systolic function (?:is )?(?:\w+ ){{0,3}}?(?:{DEPRESSED})",
+        about=("right ventricle",)),
+    "elevated_left_atrial_pressure": Finding(present=phrases(LA_PRESSURE, adjectives=r"elevated|increased|high|raised")),
+    "wall_motion_hypokinesis": Finding(present=(r"hypokine(?:sis|sia|tic)",)),
+    "atrial_septum_hypertrophy": Finding(graded=(r"lipomatous",), bare=r"\bhypertroph(?:y|ied)\b",
+                                         about=("atrial septum",)),
+}
+
+NUMBER = (r"(?P<a>\d{1,3}(?:\.\d+)?)(?:\s*%?\s*(?:-|to)\s*(?P<b>\d{1,3}(?:\.\d+)?))?"
+          r"(?:\s*(?:\+/-|\+-|\u00b1)\s*\d{1,2}(?:\.\d+)?)?")  # "55 +/- 5%" is 55
+
+
+@dataclass(frozen=True)
+class Value:
+    """A number stated after one of `keys` (earlier groups preferred), within a short gap, with its unit."""
+
+    keys: tuple[str, ...]
+    unit: str
+    low: float
+    high: float
+    unit_optional_after: str = ""  # a key followed directly by a number may omit the unit ("fraction of 35.")
+
+
+VALUES = {
+    "ejection_fraction": Value(
+        keys=(r"(?<!rv )(?<!right ventricular )\b(?:lvef|lv ef|ef|(?:lv |left ventricular )?ejection fraction)\b",),
+        unit=r"%|percent", low=0, high=100, unit_optional_after=r"[^\d%]{0,40}?"),
+    "pulmonary_artery_pressure_continuous": Value(
+        keys=(r"(?<!mean )\b(?:pulmonary arter(?:y|ial)|pa) (?:peak )?(?:systolic )?pressure|\bpasp\b|\bspap\b|"
+              r"\bpa systolic\b",
+              r"\brvsp\b|(?:right ventricular|rv) systolic pressure"),
+        unit=r"mmhg", low=0, high=200),
+}
+# the words a key's number may not be separated from it by: they start another measurement
+_GAP = r"(?:(?!pressure|gradient|velocity|shortening|strain|collaps|\bef\b|fraction)[^;%]){0,80}?"
+
+# ------------------------------------------------------------------ text -> (section, sentence)
+
+_HEADER_RE = re.compile(r"^(" + "|".join(re.escape(s) for s in SECTIONS) + r")\s*:\s*", re.IGNORECASE)
+_SENTENCE_END_RE = re.compile(r"[;!?]|\.(?!\d)")
+
+
+def normalise(text: str) -> str:
+    t = text.lower().replace("\u2013", "-").replace("\u2014", "-").replace("`", "'").replace("\u2019", "'")
+    t = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", t)  # moderate-to-severe, stent-valve
+    t = re.sub(r"mm\s*hg", "mmhg", t)
+    t = re.sub(r"tricuspid aortic valve", "trileaflet aortic valve", t)  # morphology, not the tricuspid valve
+    return re.sub(r"\s+", " ", t).strip()
+
+
+def sentences(text: str) -> list[tuple[str | None, str]]:
+    """(section or None, normalised sentence) pairs in report order."""
+    lines: list[tuple[str | None, str]] = []
+    section = None
+    for raw in re.sub(r"\[sep\]", "\n", text, flags=re.IGNORECASE).splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        header = _HEADER_RE.match(line)
+        if header:
+            section, line = header.group(1).lower(), line[header.end():]
+            lines.append((section, line))
+        elif lines and line[0].islower():  # a wrapped line continues its sentence
+            lines[-1] = (section, lines[-1][1] + " " + line)
+        else:
+            lines.append((section, line))
+    out = []
+    for section, line in lines:
+        out += [(section, s.strip()) for s in _SENTENCE_END_RE.split(normalise(line)) if s.strip()]
+    return out
+
+# ------------------------------------------------------------------ our rules
+
+
+def _severity(text: str, last: bool) -> str | None:
+    found = list(SEVERITY_RE.finditer(text))
+    if not found:
+        return None
+    word = found[-1 if last else 0].group()
+    return next(level for p, level in SEVERITY if re.fullmatch(p, word))
+
+
+def _clause(sentence: str, start: int, end: int) -> tuple[int, int]:
+    lo = max((m.end() for m in BOUNDARY_RE.finditer(sentence, 0, start)), default=0)
+    after = BOUNDARY_RE.search(sentence, end)
+    return lo, after.start() if after else len(sentence)
+
+
+def _affirmed(sentence: str, start: int, end: int, graded: bool) -> bool:
+    """Is the finding at sentence[start:end] stated (not negated), and at moderate or worse when graded?"""
+    lo, hi = _clause(sentence, start, end)
+    pre, inside, post = sentence[lo:start], sentence[start:end], sentence[end:hi]
+    if NEGATION_RE.search(PSEUDO_NEGATION_RE.sub(" ", pre + inside)) or NEGATED_AFTER_RE.match(post):
+        return False
+    if not graded:
+        return True
+    own_pre = pre[max((m.end() for m in FINDING_WORD_RE.finditer(pre)), default=0):]
+    level = _severity(inside, last=True) or _severity(own_pre, last=True) or _severity(post, last=False)
+    if level is None and sentence[lo - 1:lo] == ",":  # "a large, circumferential effusion"
+        m = SEVERITY_BEFORE_COMMA_RE.search(sentence[:lo - 1])
+        level = m and _severity(m.group("s"), last=True)
+    if level is None and sentence[hi:hi + 1] == ",":  # "pericardial effusion, moderate in size"
+        m = SEVERITY_AFTER_COMMA_RE.match(sentence[hi:])
+        level = m and _severity(m.group("s"), last=True)
+    return level == "high"
+
+
+@dataclass(frozen=True)
+class _CompiledFinding:
+    patterns: tuple[tuple[re.Pattern, bool], ...]
+    bare: re.Pattern | None
+    about: tuple[re.Pattern, ...]
+    about_names: tuple[str, ...]
+    blockers: re.Pattern | None
+    graded: bool
+    at_least_cm: float | None
+    trigger: re.Pattern
+
+
+def _compile(f: Finding) -> _CompiledFinding:
+    patterns = tuple((re.compile(p), True) for p in f.graded) + tuple((re.compile(p), False) for p in f.present)
+    blockers = [STRUCTURES[s] for s in f.blocked_by if s not in f.about]
+    every = [p.pattern for p, _ in patterns] + ([f.bare] if f.bare else []) + ([r"\d"] if f.at_least_cm else [])
+    return _CompiledFinding(patterns, re.compile(f.bare) if f.bare else None,
+                            tuple(re.compile(STRUCTURES[s]) for s in f.about), f.about,
+                            re.compile("|".join(blockers)) if blockers else None, bool(f.graded), f.at_least_cm,
+                            re.compile("|".join(every)))
+
+
+def _stated(f: _CompiledFinding, section: str | None, sentence: str) -> bool:
+    for pattern, graded in f.patterns:
+        if any(_affirmed(sentence, m.start(), m.end(), graded) for m in pattern.finditer(sentence)):
+            return True
+    about = SECTION_STRUCTURE.get(section) in f.about_names or any(p.search(sentence) for p in f.about)
+    if not about:
+        return False
+    if f.bare:
+        for m in f.bare.finditer(sentence):
+            lo, hi = _clause(sentence, m.start(), m.end())
+            if f.blockers and f.blockers.search(sentence[lo:hi]):
+                continue
+            if _affirmed(sentence, m.start(), m.end(), f.graded):
+                return True
+    if f.at_least_cm is not None:
+        named = [m for p in f.about for m in [p.search(sentence)] if m]
+        start = min((m.end() for m in named), default=0)
+        size = re.compile(r"(\d+(?:\.\d+)?)\s*(cm|mm)\b").search(sentence, start)
+        if size and float(size.group(1)) * (0.1 if size.group(2) == "mm" else 1.0) >= f.at_least_cm:
+            return True
+    return False
+
+
+def _value_patterns(v: Value) -> list[list[re.Pattern]]:
+    """Per key group: the number with its unit, and (where allowed) a number right after the key without one."""
+    groups = []
+    for key in v.keys:
+        forms = [re.compile(rf"(?:{key}){_GAP}{NUMBER}\s*(?:{v.unit})")]
+        if v.unit_optional_after:
+            forms.append(re.compile(rf"(?:{key}){v.unit_optional_after}{NUMBER}(?=\s*(?:$|[,(]))"))
+        groups.append(forms)
+    return groups
+
+
+def _value(groups: list[list[re.Pattern]], low: float, high: float, sents) -> float | None:
+    for forms in groups:
+        for _, sentence in sents:
+            found = [m for form in forms for m in [form.search(sentence)] if m]
+            if found:
+                # the number nearest the key: "EF 55 +/- 5%" is 55, not 5
+                m = min(found, key=lambda m: m.start("a"))
+                value = (float(m["a"]) + float(m["b"])) / 2 if m["b"] else float(m["a"])
+                return value if low <= value <= high else None
+    return None
+
+
+class Rules:
+    """Our rule tables, compiled. extract_labels() uses RULES; build a Rules from edited tables to try a variant."""
+
+    def __init__(self, findings: dict[str, Finding], values: dict[str, Value]):
+        self.findings, self.values = findings, values
+        self._findings = {t: _compile(f) for t, f in findings.items()}
+        self._values = {t: (_value_patterns(v), v.low, v.high) for t, v in values.items()}
+
+    def labels(self, text: str) -> dict:
+        sents = sentences(text)
+        whole = " ".join(s for _, s in sents)
+        out = {t: None for t in TRAITS}
+        for trait, f in self._findings.items():
+            # one search over the whole report first: most reports never mention most findings
+            out[trait] = int(bool(f.trigger.search(whole)) and any(_stated(f, sec, s) for sec, s in sents))
+        for trait, (groups, low, high) in self._values.items():
+            out[trait] = _value(groups, low, high, sents)
+        return out
+
+
+RULES = Rules(FINDINGS, VALUES)
+
+
+def extract_labels(text: str, rules=None) -> dict[str, int | float | None]:
+    """trait -> 0/1 (binary; not mentioned = 0) or a float / None (continuous, None = not stated).
+
+    rules: None for our rules (RULES), or what load_echoprime_rules() returned. A trait the rules do not
+    cover is None.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"extract_labels expects the report as a str, got {type(text).__name__}")
+    return (rules or RULES).labels(text)
+
+# ------------------------------------------------------------------ EchoPrime's phrase rules
+
+
+class PhraseRules:
+    """EchoPrime's rules, read from its per_section.json: a binary trait is positive when any of its phrases
+    occurs in the report (case-insensitive substring, no negation or severity logic: the phrases carry it,
+    e.g. a leading ". " keeps "mild to moderate" out); a regression trait is the number right after the text
+    before "<#>" in one of its phrases, None outside the file's "range". Report and phrases are compared after
+    the same normalisation as our rules (case, whitespace, dashes), and a phrase's surrounding spaces are
+    dropped. Traits the file does not define are None, so they drop out of scoring as unsettled."""
+
+    def __init__(self, binary: dict[str, list[str]], regression: dict[str, tuple[list[str], float, float]],
+                 ignored: list[str], source: str):
+        self.binary = {t: [normalise(p) for p in ps] for t, ps in binary.items()}
+        self.regression = {t: ([re.compile(re.escape(normalise(p.split("<#>")[0])) + r"\s*(\d{1,3}(?:\.\d{1,2})?)")
+                                for p in ps], low, high) for t, (ps, low, high) in regression.items()}
+        self.ignored, self.source = ignored, source
+
+    def labels(self, text: str) -> dict:
+        flat = " " + normalise(re.sub(r"\[sep\]", " ", text, flags=re.IGNORECASE)) + " "
+        out = {t: None for t in TRAITS}
+        for trait, phrases_ in self.binary.items():
+            out[trait] = int(any(p in flat for p in phrases_))
+        for trait, (patterns, low, high) in self.regression.items():
+            m = next((m for p in patterns for m in [p.search(flat)] if m), None)
+            out[trait] = float(m.group(1)) if m and low <= float(m.group(1)) <= high else None
+        return out
+
+
+def load_echoprime_rules(path) -> PhraseRules:
+    """Read EchoPrime's assets/per_section.json (the file, or the checkout that holds it) from your machine.
+
+    The file stays where it is: its phrases are EchoPrime's and are never copied into this repository.
+    Entries for traits echovlm does not score are skipped and listed in .ignored.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "assets" / "per_section.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"EchoPrime rules: {path} does not exist. Pass assets/per_section.json of an EchoPrime "
+                                f"checkout (python -m scripts.fetch_echoprime --dest DIR makes one) or the checkout itself.")
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"EchoPrime rules: {path} is not valid JSON ({e}); re-fetch the file.") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"EchoPrime rules: {path} should hold an object trait -> {{mode, label_sources}}, "
+                         f"found a {type(table).__name__}")
+    binary, regression, ignored = {}, {}, []
+    for trait, entry in table.items():
+        if trait not in TRAITS:
+            ignored.append(trait)
+            continue
+        where = f"EchoPrime rules: {path}, trait {trait!r}"
+        if not isinstance(entry, dict) or entry.get("mode") not in ("binary", "regression"):
+            raise ValueError(f"{where}: needs a 'mode' of 'binary' or 'regression'")
+        sources = entry.get("label_sources")
+        if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s.strip() for s in sources):
+            raise ValueError(f"{where}: 'label_sources' must be a non-empty list of non-empty strings")
+        expected = "binary" if TRAITS[trait] == "binary" else "regression"
+        if entry["mode"] != expected:
+            raise ValueError(f"{where}: mode {entry['mode']!r}, but echovlm scores it as {TRAITS[trait]} ({expected})")
+        if expected == "binary":
+            binary[trait] = sources
+            continue
+        if not all("<#>" in s for s in sources):
+            raise ValueError(f"{where}: every regression label source needs a '<#>' where the number goes")
+        value_range = entry.get("range", [VALUES[trait].low, VALUES[trait].high])
+        if (not isinstance(value_range, list) or len(value_range) != 2
+                or not all(isinstance(x, (int, float)) for x in value_range) or value_range[0] >= value_range[1]):
+            raise ValueError(f"{where}: 'range' must be [low, high] with low < high, got {value_range!r}")
+        regression[trait] = (sources, float(value_range[0]), float(value_range[1]))
+    return PhraseRules(binary, regression, ignored, str(path))
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def label_arrays(labels, n: int | None = None) -> dict[str, np.ndarray]:
+    """trait -> float array over studies (NaN = None), from a list of extract_labels() dicts or trait -> array."""
+    if isinstance(labels, dict):
+        sizes = {len(v) for v in labels.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"label arrays of different lengths: {sorted(sizes)}")
+        n = sizes.pop() if sizes else (n or 0)
+        return {t: np.array([np.nan if x is None else x for x in labels[t]], dtype=float) if t in labels
+                else np.full(n, np.nan) for t in TRAITS}
+    return {t: np.array([np.nan if d.get(t) is None else d[t] for d in labels], dtype=float) for t in TRAITS}
+
+
+def _resample_counts(n: int, n_boot: int, seed: int):
+    """Bootstrap resamples of n studies as (b, n) multiplicity matrices, a chunk at a time to bound memory."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, (1 << 23) // max(n, 1)))
+    for done in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - done)
+        rows = rng.integers(0, n, size=(b, n), dtype=np.int64) + (np.arange(b) * n)[:, None]
+        yield np.bincount(rows.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def _weighted_auroc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """AUROC of each row of study weights w (b, n): P(score of a positive > a negative's), ties counting half."""
+    order = np.argsort(s, kind="stable")
+    y, s, w = y[order], s[order], w[:, order]
+    pos, neg = w * y, w * (1 - y)
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    if len(starts) < len(s):  # pool tied scores (always for 0/1 predictions)
+        pos, neg = np.add.reduceat(pos, starts, axis=1), np.add.reduceat(neg, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    den = pos.sum(1) * neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (pos * (below + 0.5 * neg)).sum(1) / den, np.nan)
+
+
+def _ci(point: float, boots: np.ndarray) -> tuple[float, float, float]:
+    boots = boots[np.isfinite(boots)]
+    if len(boots) == 0:
+        return float(point), float("nan"), float("nan")
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(point), float(lo), float(hi)
+
+
+def binary_auroc(y_true, score, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float] | None:
+    """(AUROC, 95% CI low, high) of a score against 0/1 labels; None without both classes. For a 0/1 score
+    this is balanced accuracy. CI: percentile bootstrap over studies (resamples with one class skipped)."""
+    y, s = np.asarray(y_true, dtype=float), np.asarray(score, dtype=float)
+    if len(y) != len(s):
+        raise ValueError(f"binary_auroc: {len(y)} labels but {len(s)} scores")
+    if not (0 < y.sum() < len(y)):
+        return None
+    boots = np.concatenate([_weighted_auroc(y, s, w) for w in _resample_counts(len(y), n_boot, seed)])
+    return _ci(roc_auc_score(y, s), boots)
+
+
+def regression_metrics(y_true, y_pred, n_boot: int = 1000, seed: int = 0) -> dict:
+    """{"r2": (value, lo, hi) or None, "mae": (value, lo, hi) or None} with percentile-bootstrap 95% CIs.
+    R^2 needs 2+ studies and a reference that is not constant; MAE needs 1+."""
+    y, p = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
+    if len(y) != len(p):
+        raise ValueError(f"regression_metrics: {len(y)} references but {len(p)} predictions")
+    if len(y) == 0:
+        return {"r2": None, "mae": None}
+    err = y - p
+    r2s, maes = [], []
+    for w in _resample_counts(len(y), n_boot, seed):
+        total = w.sum(1)
+        mean = w @ y / total
+        ss_tot = w @ (y * y) - total * mean * mean
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r2s.append(np.where(ss_tot > 1e-9 * total, 1 - (w @ (err * err)) / ss_tot, np.nan))
+        maes.append(w @ np.abs(err) / total)
+    r2 = _ci(r2_score(y, p), np.concatenate(r2s)) if len(y) >= 2 and np.ptp(y) > 0 else None
+    return {"r2": r2, "mae": _ci(mean_absolute_error(y, p), np.concatenate(maes))}
+
+
+def score_traits(reference, predicted, score=None, n_boot: int = 1000, seed: int = 0):
+    """Compare predicted labels with reference labels, trait by trait, over the same studies.
+
+    reference, predicted, score: lists of extract_labels() dicts or trait -> array, one entry per study.
+    predicted gives the hard labels (binary; None = not stated = 0) and the values (continuous); score, if
+    given, a continuous score per binary trait for the AUROC (e.g. the fraction of sampled reports stating
+    the finding), else AUROC = hard AUROC. A study whose reference label is None is left out of that trait.
+    Binary: AUROC and hard AUROC (= balanced accuracy), N/A without positives or negatives. Continuous: R^2 and
+    MAE over studies where both sides state a value. Core Metric: the mean over traits of AUROC (binary) and
+    R^2 (continuous), as in EchoPrime's tables; core_metric_hard uses the hard AUROC.
+
+    Returns (DataFrame with one row per trait, summary dict).
+    """
+    ref, pred = label_arrays(reference), label_arrays(predicted)
+    sc = label_arrays(score) if score is not None else pred
+    n = len(next(iter(ref.values())))
+    if any(len(a[t]) != n for a in (pred, sc) for t in TRAITS):
+        raise ValueError(f"score_traits: reference has {n} studies but the predictions have a different number")
+    rows = []
+    for trait, kind in TRAITS.items():
+        row = {"trait": trait, "kind": kind}
+        if kind == "binary":
+            keep = ~np.isnan(ref[trait])
+            y = ref[trait][keep]
+            row.update(n=int(keep.sum()), positives=int(y.sum()), negatives=int((1 - y).sum()), dropped=int((~keep).sum()))
+            auroc = binary_auroc(y, np.nan_to_num(sc[trait][keep]), n_boot, seed)
+            hard = binary_auroc(y, np.nan_to_num(pred[trait][keep]), n_boot, seed)
+            row["status"] = "ok" if auroc else ("N/A: no positives" if row["positives"] == 0 else "N/A: no negatives")
+            metrics = {"auroc": auroc, "auroc_hard": hard}
+        else:
+            keep = ~np.isnan(ref[trait]) & ~np.isnan(pred[trait])
+            row.update(n=int(keep.sum()), dropped=int((~keep).sum()))
+            metrics = regression_metrics(ref[trait][keep], pred[trait][keep], n_boot, seed)
+            row["status"] = "ok" if metrics["r2"] else "N/A: fewer than 2 studies with both values, or a constant reference"
+        for name, m in metrics.items():
+            row.update({name: np.nan, f"{name}_lo": np.nan, f"{name}_hi": np.nan} if m is None else
+                       {name: m[0], f"{name}_lo": m[1], f"{name}_hi": m[2]})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    main = table["auroc"].where(table["kind"] == "binary", table["r2"])
+    hard = table["auroc_hard"].where(table["kind"] == "binary", table["r2"])
+    summary = {"core_metric": float(main.mean()) if main.notna().any() else None,
+               "core_metric_hard": float(hard.mean()) if hard.notna().any() else None,
+               "traits_scored": int(main.notna().sum()), "traits_na": table.loc[main.isna(), "trait"].tolist(),
+               "n_studies": n, "n_boot": n_boot, "seed": seed}
+    return table, summary
