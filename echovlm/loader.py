@@ -1,0 +1,245 @@
+"""Training batches built on the device from a split held entirely in device memory.
+
+A split is small next to an accelerator (EchoPrime: ~1.2M reports x ~200 tokens, 1.2M x 512 fp16
+embeddings, ~2.5 GB), so it is copied to the device once and every batch is a few index gathers there:
+no worker processes, no host-to-device copy per step.
+
+Per study the sequence is [e_1 .. e_k, <|bos|>, report tokens] with next-token targets
+[-1 x k, report tokens, <|eos|>] (the prefix predicts nothing; <|bos|> predicts the first report token;
+<|eos|> is only ever a target, so it needs no input slot). Rows are right padded with <|pad|> / -1. A study
+longer than sequence_len keeps its first sequence_len - k - 1 report tokens (and then predicts the next
+report token, not <|eos|>); how many reports this cuts is printed once per split.
+
+Order: each epoch is a seeded permutation of the split. So that little compute goes to padding, the
+permutation is cut into windows of `group_batches` global batches, each window is sorted by length and cut
+into global batches, and the batches are shuffled again, so each batch holds studies of similar length
+while the batch order stays random. A global batch (total_batch_size studies) is split in length order into
+world_size x accum micro batches of device_batch_size; rank r takes micro batches r*accum .. r*accum+accum-1.
+Every (world_size, accum) split of one global batch holds the same studies, so 1 GPU with 8 accumulation
+steps and 8 GPUs with 1 see the same data at every step.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from echovlm.common import print0
+
+MAX_DEFAULT_SEQUENCE_LEN = 1024
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B, T) long: pad_id at prefix and padding slots
+    prefix: torch.Tensor  # (P, D) float16: the batch's study embeddings in row-major order of prefix_mask
+    prefix_mask: torch.Tensor  # (B, T) bool
+    targets: torch.Tensor  # (B, T) long, -1 = ignored
+    num_targets: int  # report tokens + <|eos|> predicted: the "real tokens" of throughput and loss
+    num_positions: int  # B * T: what the model computes
+    num_padding: int  # positions that hold nothing (right padding)
+    num_truncated: int  # reports cut to fit sequence_len
+
+
+def build_batch(tokens: torch.Tensor, tok_start: np.ndarray, tok_len: np.ndarray, emb: torch.Tensor,
+                emb_start: np.ndarray, emb_len: np.ndarray, bos_id: int, eos_id: int, pad_id: int,
+                sequence_len: int, pad_multiple: int = 1) -> Batch:
+    """Gather a batch on the device of `tokens`/`emb` for studies given by their token and embedding spans.
+
+    tokens: flat report tokens (any int dtype) on the device; emb: (M, D) embedding rows on the device;
+    tok_start/tok_len/emb_start/emb_len: one int per study (host numpy). The row lengths are known on the
+    host, so the batch shape never waits on the device.
+    """
+    device = tokens.device
+    B = len(tok_len)
+    k = emb_len.astype(np.int64)
+    if (k < 1).any():
+        raise ValueError("every study needs at least one embedding")
+    if (k + 2 > sequence_len).any():
+        raise ValueError(f"a study has {int(k.max())} embeddings: with <|bos|> and one report token that does not "
+                         f"fit in sequence_len {sequence_len}")
+    n = np.minimum(tok_len.astype(np.int64), sequence_len - k - 1)  # report tokens given as input
+    rows = k + 1 + n
+    T = int(rows.max())
+    T = min(-(-T // pad_multiple) * pad_multiple, sequence_len)  # fewer distinct shapes for torch.compile
+
+    def col(a):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device, non_blocking=True)[:, None]
+
+    k_d, n_d, full_d, start_d = col(k), col(n), col(tok_len), col(tok_start)
+    pos = torch.arange(T, device=device)[None, :]
+    rel = pos - k_d - 1  # index into the report of the token at this input position
+    is_tok = (rel >= 0) & (rel < n_d)
+    gather = (start_d + rel.clamp(min=0)).clamp(max=max(tokens.numel() - 1, 0))
+    tok_vals = tokens[gather].long() if tokens.numel() else torch.zeros_like(gather)
+    ids = torch.where(is_tok, tok_vals, torch.full_like(pos, pad_id).expand(B, T))
+    ids = torch.where(pos == k_d, torch.full_like(ids, bos_id), ids)
+    prefix_mask = pos < k_d
+
+    # the target at input position p is report token rel+1, or <|eos|> right after the last one
+    rel_t = rel + 1
+    tgt_gather = (start_d + rel_t.clamp(min=0)).clamp(max=max(tokens.numel() - 1, 0))
+    tgt_vals = tokens[tgt_gather].long() if tokens.numel() else torch.zeros_like(tgt_gather)
+    predicts = (rel_t >= 0) & (rel_t <= n_d)
+    targets = torch.where(rel_t < full_d, tgt_vals, torch.full_like(tgt_vals, eos_id))
+    targets = torch.where(predicts, targets, torch.full_like(targets, -1))
+
+    emb_idx = np.concatenate([np.arange(s, s + c) for s, c in zip(emb_start, k)])
+    prefix = emb[torch.from_numpy(emb_idx).to(device, non_blocking=True)]
+    return Batch(ids=ids, prefix=prefix, prefix_mask=prefix_mask, targets=targets,
+                 num_targets=int((n + 1).sum()), num_positions=B * T, num_padding=int(B * T - rows.sum()),
+                 num_truncated=int((n < tok_len).sum()))
+
+
+def collate(embeddings, token_lists, bos_id: int, eos_id: int, pad_id: int, sequence_len: int, device,
+            pad_multiple: int = 1) -> Batch:
+    """A batch from in-memory studies: one (k, D) embedding array and one list of report token ids each."""
+    if len(embeddings) != len(token_lists) or not embeddings:
+        raise ValueError(f"collate needs as many token lists as studies (>= 1), got {len(embeddings)} and "
+                         f"{len(token_lists)}")
+    embs = [np.asarray(e, dtype=np.float16) for e in embeddings]
+    if any(e.ndim != 2 for e in embs) or len({e.shape[1] for e in embs}) != 1:
+        raise ValueError("every study's embeddings must be a (k, D) array with the same D")
+    emb_len = np.array([e.shape[0] for e in embs], dtype=np.int64)
+    tok_len = np.array([len(t) for t in token_lists], dtype=np.int64)
+    flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_lists]) if tok_len.sum() else np.zeros(0, np.int64)
+    tokens = torch.from_numpy(flat).to(device)
+    emb = torch.from_numpy(np.concatenate(embs)).to(device)
+    return build_batch(tokens, np.concatenate([[0], np.cumsum(tok_len)[:-1]]), tok_len, emb,
+                       np.concatenate([[0], np.cumsum(emb_len)[:-1]]), emb_len, bos_id, eos_id, pad_id,
+                       sequence_len, pad_multiple)
+
+
+class DeviceSplit:
+    """One split's report tokens and study embeddings, resident on the device."""
+
+    def __init__(self, tokens: np.ndarray, tok_offsets: np.ndarray, emb: np.ndarray, emb_offsets: np.ndarray,
+                 bos_id: int, eos_id: int, pad_id: int, sequence_len: int | None, device, name: str = "split",
+                 pad_multiple: int = 1):
+        tok_offsets, emb_offsets = np.asarray(tok_offsets, np.int64), np.asarray(emb_offsets, np.int64)
+        if len(tok_offsets) != len(emb_offsets):
+            raise ValueError(f"{name}: {len(tok_offsets) - 1} tokenized reports but {len(emb_offsets) - 1} studies "
+                             "with embeddings; re-run scripts.tok_train on this dataset")
+        if tok_offsets[-1] != len(tokens) or emb_offsets[-1] != len(emb):
+            raise ValueError(f"{name}: offsets do not match the token/embedding arrays (truncated files?); "
+                             "re-run scripts.tok_train / scripts.prepare_dataset")
+        self.name = name
+        self.tok_start, self.tok_len = tok_offsets[:-1], np.diff(tok_offsets)
+        self.emb_start, self.emb_len = emb_offsets[:-1], np.diff(emb_offsets)
+        if (self.emb_len < 1).any():
+            raise ValueError(f"{name}: {int((self.emb_len < 1).sum())} studies have no embedding")
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.lengths = self.emb_len + 1 + self.tok_len  # input positions each study wants
+        if sequence_len is None:
+            sequence_len = min(-(-int(self.lengths.max()) // 32) * 32, MAX_DEFAULT_SEQUENCE_LEN)
+        self.sequence_len, self.pad_multiple = sequence_len, pad_multiple
+        # uint16 tensors have few CUDA kernels: int32 on the device, half the size of long
+        self.tokens = torch.from_numpy(np.asarray(tokens).astype(np.int32)).to(device)
+        self.emb = torch.from_numpy(np.array(emb, dtype=np.float16)).to(device)  # a copy: the memmap is read-only
+        self.device = torch.device(device)
+        n_cut = int((self.lengths > sequence_len).sum())
+        if n_cut:
+            print0(f"{name}: {n_cut} of {len(self)} reports ({n_cut / len(self):.2%}) are longer than sequence_len "
+                   f"{sequence_len} and will be truncated")
+
+    @classmethod
+    def from_dataset(cls, dataset, split: str, tokenizer, sequence_len: int | None, device, pad_multiple: int = 1):
+        """`dataset` is an open_dataset(...) result; tokens come from <dataset>/tokenizer/{split}_*.npy.
+
+        sequence_len None: the split's longest study (prefix + <|bos|> + report) rounded up to 32, at most
+        MAX_DEFAULT_SEQUENCE_LEN.
+        """
+        tok_dir = Path(dataset.path) / "tokenizer"
+        paths = [tok_dir / f"{split}_tokens.npy", tok_dir / f"{split}_offsets.npy"]
+        for p in paths:
+            if not p.exists():
+                raise FileNotFoundError(f"{p} is missing: run `python -m scripts.tok_train --dataset {dataset.path}` "
+                                        "to train the tokenizer and encode the reports")
+        emb, emb_offsets = dataset.embedding_block(split)
+        return cls(np.load(paths[0], mmap_mode="r"), np.load(paths[1]), emb, emb_offsets, tokenizer.bos_id,
+                   tokenizer.eos_id, tokenizer.pad_id, sequence_len, device, name=split, pad_multiple=pad_multiple)
+
+    def __len__(self) -> int:
+        return len(self.tok_len)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.emb.shape[1]
+
+    def batch(self, idx) -> Batch:
+        idx = np.asarray(idx, dtype=np.int64)
+        return build_batch(self.tokens, self.tok_start[idx], self.tok_len[idx], self.emb, self.emb_start[idx],
+                           self.emb_len[idx], self.bos_id, self.eos_id, self.pad_id, self.sequence_len,
+                           self.pad_multiple)
+
+    def eval_batches(self, num_studies: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        """The first num_studies studies (all if <= 0), this rank's share (r, r+W, ...), in length order."""
+        n = len(self) if num_studies <= 0 else min(num_studies, len(self))
+        mine = np.arange(rank, n, world_size)
+        mine = mine[np.argsort(self.lengths[mine], kind="stable")]
+        for s in range(0, len(mine), batch_size):
+            yield self.batch(mine[s:s + batch_size])
+
+
+class TrainLoader:
+    """Endless epochs of length-grouped global batches; next() gives this rank's micro batches of one step."""
+
+    def __init__(self, split: DeviceSplit, total_batch_size: int, device_batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, group_batches: int = 100, length_grouping: bool = True):
+        per_step = device_batch_size * world_size
+        if total_batch_size % per_step:
+            raise ValueError(f"--total-batch-size {total_batch_size} must be a multiple of --device-batch-size x "
+                             f"world size = {device_batch_size} x {world_size} = {per_step}")
+        if len(split) < total_batch_size:
+            raise ValueError(f"the {split.name} split has {len(split)} studies, fewer than one global batch of "
+                             f"{total_batch_size}: lower --total-batch-size or prepare more studies")
+        self.split, self.total, self.micro = split, total_batch_size, device_batch_size
+        self.rank, self.world, self.accum = rank, world_size, total_batch_size // per_step
+        self.seed, self.group, self.grouping = seed, group_batches, length_grouping
+        self.batches_per_epoch = len(split) // total_batch_size  # the remainder is dropped, a new one each epoch
+        self.epoch, self.pos = 0, 0
+        self._order = None
+        self.global_stats = {}  # of the last next(): see _stats
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """(batches_per_epoch, total) study indices, each row one global batch in length order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(len(self.split))[:self.batches_per_epoch * self.total]
+        if self.grouping:
+            window = self.group * self.total
+            for s in range(0, len(perm), window):
+                w = perm[s:s + window]
+                perm[s:s + window] = w[np.argsort(self.split.lengths[w], kind="stable")]
+        batches = perm.reshape(self.batches_per_epoch, self.total)
+        batches = batches[rng.permutation(self.batches_per_epoch)]
+        # within a batch, length order makes micro batches of similar lengths whatever the split into them
+        return np.take_along_axis(batches, np.argsort(self.split.lengths[batches], axis=1, kind="stable"), axis=1)
+
+    def next(self) -> list[Batch]:
+        if self._order is None:
+            self._order = self._epoch_order(self.epoch)
+        studies = self._order[self.pos]
+        self.pos += 1
+        if self.pos == self.batches_per_epoch:
+            self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+        self.global_stats = self._stats(studies)
+        first = self.rank * self.accum
+        return [self.split.batch(studies[(first + a) * self.micro:(first + a + 1) * self.micro])
+                for a in range(self.accum)]
+
+    def _stats(self, studies: np.ndarray) -> dict:
+        """Real targets, positions and padding of the whole global batch (all ranks), from lengths alone: every
+        rank knows them without communicating, which is what normalises the loss by the global token count."""
+        s, seq = self.split, self.split.sequence_len
+        n = np.minimum(s.tok_len[studies], seq - s.emb_len[studies] - 1)
+        rows = (s.emb_len[studies] + 1 + n).reshape(-1, self.micro)
+        T = np.minimum(-(-rows.max(axis=1) // s.pad_multiple) * s.pad_multiple, seq)
+        positions = int((T * self.micro).sum())
+        return {"targets": int((n + 1).sum()), "positions": positions, "padding": positions - int(rows.sum())}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.pos, self._order = int(state["epoch"]), int(state["pos"]), None
