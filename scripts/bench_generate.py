@@ -44,12 +44,15 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="rows decoded together in batched mode")
     p.add_argument("--max-tokens", type=int, default=None, help="report tokens per study (default: fill sequence_len)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not 1 <= args.single_studies <= args.studies:
         p.error(f"--single-studies must be between 1 and --studies ({args.studies})")
 
     device = torch.device(autodetect_device(args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.run:
         from echovlm.checkpoint import load_model
@@ -66,8 +69,6 @@ def main(argv=None):
         config = GPTConfig(depth=args.depth, vocab_size=args.vocab_size, embed_dim=args.embed_dim,
                            sequence_len=args.sequence_len)
         model = GPT(config).to(device)
-        if hasattr(model, "init_weights"):
-            model.init_weights()
         # an untrained model needs no trained tokenizer, only the special ids, which sit at the top of the vocab
         v = args.vocab_size
         tokenizer = SimpleNamespace(pad_id=v - 3, bos_id=v - 2, eos_id=v - 1)

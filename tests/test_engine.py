@@ -53,6 +53,15 @@ def naive_greedy(model, tok, emb: torch.Tensor, max_tokens: int) -> list[int]:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # these matrices are tiny: extra intra-op threads only add synchronisation, badly so on a busy machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def setup():
     tok = Tokenizer.train(TEXTS, vocab_size=300)
@@ -66,7 +75,7 @@ def setup():
     g = torch.Generator().manual_seed(1)
     studies = [torch.randn(k, EMBED_DIM, generator=g) for k in (1, 2, 1, 3, 1, 2, 1, 1, 3, 1)]
     # the smallest <|eos|> bias at which some greedy reports end early and some hit the limit
-    for bias in torch.linspace(-2.0, 12.0, 57).tolist():
+    for bias in torch.linspace(0.0, 12.0, 49).tolist():
         model = EosBias(gpt, tok.eos_id, bias)
         lengths = [len(r[0]) for r in Engine(model, tok).generate(studies)]  # checked against naive below
         if any(n < SEQ_LEN - e.shape[0] - 1 for n, e in zip(lengths, studies)) and len(set(lengths)) >= 3 \
