@@ -30,6 +30,8 @@ load_echoprime_rules() reads EchoPrime's own phrase list from the user's checkou
 are comparable with published tables. Its phrases are never copied into this repository.
 """
 
+import bisect
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -91,7 +93,7 @@ SEVERITY = [
     (r"trace|trivial|minimal(?:ly)?|mild(?:ly)?|small|tiny|physiologic(?:al)?|borderline|slight(?:ly)?", "low"),
     (r"moderate(?:ly)?|severe(?:ly)?|large|critical|massive(?:ly)?|marked(?:ly)?|torrential|huge", "high"),
 ]
-SEVERITY_RE = re.compile("|".join(rf"(?<![\w+])(?:{p})(?!\w)" for p, _ in SEVERITY))
+SEVERITY_RE = re.compile("|".join(rf"(?<![\w+])(?P<{level}{i}>{p})(?!\w)" for i, (p, level) in enumerate(SEVERITY)))
 NEGATION_RE = re.compile(r"\b(?:no|not|without|absent|negative for|absence of|free of|rule out|ruled out|"
                          r"excluded|neither|nor|never)\b")
 PSEUDO_NEGATION_RE = re.compile(r"\bno (?:significant |interval )*change|\bnot (?:significantly )?changed|"
@@ -163,12 +165,14 @@ LA_PRESSURE = (r"left atrial pressures?|\bla pressures?|\blap\b|\blvedp\b|(?:lv|
 class Finding:
     """How one binary trait is stated.
 
+    words: a quick test, words any statement of the finding contains (only sentences with one are read);
     graded: phrases that count only at moderate or worse; present: phrases that count whenever stated and
     not negated; bare: the short form ("stenosis", "dilated") read as the `about` structure in a sentence
     about it (its section, or a sentence naming it), unless the clause names one of `blocked_by`;
     at_least_cm: a diameter of the `about` structure at or above this value also counts (IVC).
     """
 
+    words: str
     graded: tuple[str, ...] = ()
     present: tuple[str, ...] = ()
     bare: str = ""
@@ -177,65 +181,78 @@ class Finding:
     at_least_cm: float | None = None
 
 
+BIATRIAL = r"biatrial|both atria|left and right atria"
+ENLARGED = rf"\b(?:{DILATED}|{DILATION})\b"
+ENLARGED_WORDS = r"dilat|enlarg"
+STENOSIS_WORDS = r"stenosis|stenotic"
+REGURGITATION_WORDS = r"regurgita|insufficiency|\b(?:mr|ar|ai|tr|pr)\b"
+
 FINDINGS = {
-    "pacemaker": Finding(present=(r"\b(?:pacemaker|pacer|a?icd|defibrillator)(?: (?:leads?|wires?))?\b|"
-                                  r"\b(?:pacing|device) (?:leads?|wires?)\b",),
-                         bare=r"\b(?:leads?|wires?)\b(?! to\b)", about=("right atrium", "right ventricle"),
-                         blocked_by=()),
-    "impella": Finding(present=(r"\bimpella",)),
-    "tavr": Finding(present=(r"\btav[ri]\b|transcatheter aortic valve|stent valve|"
-                             r"bioprosthe(?:tic|sis)(?: valve)? (?:is )?(?:present |seen |noted )?in the aortic position|"
-                             r"bioprosthetic (?:aortic valve|avr)|aortic (?:valve )?bioprosthesis|"
-                             r"\b(?:corevalve|evolut|sapien)\b",),
-                        bare=r"bioprosthe(?:tic|sis)", about=("aortic valve",), blocked_by=VALVES),
-    "mitraclip": Finding(present=(r"mitra ?clips?\b|mitral (?:valve )?clips?\b",),
+    "pacemaker": Finding(
+        words=r"pacemaker|pacer|icd\b|defibrillator|lead|wire",
+        present=(r"\b(?:pacemaker|pacer|a?icd|defibrillator)(?: (?:leads?|wires?))?\b|"
+                 r"\b(?:pacing|device) (?:leads?|wires?)\b",),
+        bare=r"\b(?:leads?|wires?)\b(?! to\b)", about=("right atrium", "right ventricle"), blocked_by=()),
+    "impella": Finding(words=r"impella", present=(r"\bimpella",)),
+    "tavr": Finding(
+        words=r"tav[ri]|transcatheter|stent|bioprosthe|corevalve|evolut|sapien",
+        present=(r"\btav[ri]\b|transcatheter aortic valve|stent valve|"
+                 r"bioprosthe(?:tic|sis)(?: valve)? (?:is )?(?:present |seen |noted )?in the aortic position|"
+                 r"bioprosthetic (?:aortic valve|avr)|aortic (?:valve )?bioprosthesis|\b(?:corevalve|evolut|sapien)\b",),
+        bare=r"bioprosthe(?:tic|sis)", about=("aortic valve",), blocked_by=VALVES),
+    "mitraclip": Finding(words=r"clip", present=(r"mitra ?clips?\b|mitral (?:valve )?clips?\b",),
                          bare=r"\bclips?\b", about=("mitral valve",), blocked_by=VALVES),
-    "aortic_root_dilation": Finding(graded=phrases(ROOT, DILATION, DILATED), bare=rf"\b(?:{DILATED}|{DILATION})\b",
+    "aortic_root_dilation": Finding(words=ENLARGED_WORDS, graded=phrases(ROOT, DILATION, DILATED), bare=ENLARGED,
                                     about=("aorta",)),
-    "left_atrium_dilation": Finding(graded=phrases(LA, DILATION, DILATED) + phrases(r"biatrial|both atria|left and right atria",
-                                                                                     DILATION, DILATED),
-                                    bare=rf"\b(?:{DILATED}|{DILATION})\b", about=("left atrium",)),
-    "right_atrium_dilation": Finding(graded=phrases(RA, DILATION, DILATED) + phrases(r"biatrial|both atria|left and right atria",
-                                                                                      DILATION, DILATED),
-                                     bare=rf"\b(?:{DILATED}|{DILATION})\b", about=("right atrium",)),
-    "right_ventricle_dilation": Finding(graded=phrases(RV, DILATION, DILATED), bare=rf"\b(?:{DILATED}|{DILATION})\b",
+    "left_atrium_dilation": Finding(words=ENLARGED_WORDS,
+                                    graded=phrases(LA, DILATION, DILATED) + phrases(BIATRIAL, DILATION, DILATED),
+                                    bare=ENLARGED, about=("left atrium",)),
+    "right_atrium_dilation": Finding(words=ENLARGED_WORDS,
+                                     graded=phrases(RA, DILATION, DILATED) + phrases(BIATRIAL, DILATION, DILATED),
+                                     bare=ENLARGED, about=("right atrium",)),
+    "right_ventricle_dilation": Finding(words=ENLARGED_WORDS, graded=phrases(RV, DILATION, DILATED), bare=ENLARGED,
                                         about=("right ventricle",)),
-    "aortic_stenosis": Finding(graded=valve("aortic", STENOSIS, "stenotic"), bare=r"\b(?:stenosis|stenotic)\b",
-                               about=("aortic valve",), blocked_by=VALVES),
-    "mitral_stenosis": Finding(graded=valve("mitral", STENOSIS, "stenotic"), bare=r"\b(?:stenosis|stenotic)\b",
-                               about=("mitral valve",), blocked_by=VALVES),
-    "tricuspid_stenosis": Finding(graded=valve("tricuspid", STENOSIS, "stenotic"), bare=r"\b(?:stenosis|stenotic)\b",
-                                  about=("tricuspid valve",), blocked_by=VALVES),
-    "aortic_regurgitation": Finding(graded=valve("aortic", REGURGITATION, "regurgitant"),
+    "aortic_stenosis": Finding(words=STENOSIS_WORDS, graded=valve("aortic", STENOSIS, "stenotic"),
+                               bare=r"\b(?:stenosis|stenotic)\b", about=("aortic valve",), blocked_by=VALVES),
+    "mitral_stenosis": Finding(words=STENOSIS_WORDS, graded=valve("mitral", STENOSIS, "stenotic"),
+                               bare=r"\b(?:stenosis|stenotic)\b", about=("mitral valve",), blocked_by=VALVES),
+    "tricuspid_stenosis": Finding(words=STENOSIS_WORDS, graded=valve("tricuspid", STENOSIS, "stenotic"),
+                                  bare=r"\b(?:stenosis|stenotic)\b", about=("tricuspid valve",), blocked_by=VALVES),
+    "aortic_regurgitation": Finding(words=REGURGITATION_WORDS, graded=valve("aortic", REGURGITATION, "regurgitant"),
                                     bare=rf"\b(?:{REGURGITATION})\b", about=("aortic valve",), blocked_by=VALVES),
-    "mitral_regurgitation": Finding(graded=valve("mitral", REGURGITATION, "regurgitant"),
+    "mitral_regurgitation": Finding(words=REGURGITATION_WORDS, graded=valve("mitral", REGURGITATION, "regurgitant"),
                                     bare=rf"\b(?:{REGURGITATION})\b", about=("mitral valve",), blocked_by=VALVES),
-    "tricuspid_valve_regurgitation": Finding(graded=valve("tricuspid", REGURGITATION, "regurgitant"),
-                                             bare=rf"\b(?:{REGURGITATION})\b", about=("tricuspid valve",),
-                                             blocked_by=VALVES),
-    "pulmonic_valve_regurgitation": Finding(graded=valve("pulmonic", REGURGITATION, "regurgitant"),
-                                            bare=rf"\b(?:{REGURGITATION})\b", about=("pulmonic valve",),
-                                            blocked_by=VALVES),
-    "mitral_annular_calcification": Finding(graded=phrases(r"mitral annul(?:us|ar)", r"calcification", r"calcified")
-                                            + (r"\bmac\b",),
-                                            bare=r"\bannul(?:us|ar)(?: calcification| (?:is )?(?:\w+ )?calcified)",
-                                            about=("mitral valve",), blocked_by=VALVES),
-    "bicuspid_aov_morphology": Finding(present=(r"\bbicuspid\b|\bbicommissural\b",)),
-    "dilated_ivc": Finding(present=phrases(IVC, DILATION, rf"{DILATED}|plethoric"),
+    "tricuspid_valve_regurgitation": Finding(
+        words=REGURGITATION_WORDS, graded=valve("tricuspid", REGURGITATION, "regurgitant"),
+        bare=rf"\b(?:{REGURGITATION})\b", about=("tricuspid valve",), blocked_by=VALVES),
+    "pulmonic_valve_regurgitation": Finding(
+        words=REGURGITATION_WORDS, graded=valve("pulmonic", REGURGITATION, "regurgitant"),
+        bare=rf"\b(?:{REGURGITATION})\b", about=("pulmonic valve",), blocked_by=VALVES),
+    "mitral_annular_calcification": Finding(
+        words=r"calcifi|\bmac\b",
+        graded=phrases(r"mitral annul(?:us|ar)", r"calcification", r"calcified") + (r"\bmac\b",),
+        bare=r"\bannul(?:us|ar)(?: calcification| (?:is )?(?:\w+ )?calcified)", about=("mitral valve",),
+        blocked_by=VALVES),
+    "bicuspid_aov_morphology": Finding(words=r"bicuspid|bicommissural", present=(r"\bbicuspid\b|\bbicommissural\b",)),
+    "dilated_ivc": Finding(words=rf"{ENLARGED_WORDS}|plethoric|\d\s*(?:cm|mm)\b",
+                           present=phrases(IVC, DILATION, rf"{DILATED}|plethoric"),
                            bare=rf"\b(?:{DILATED}|plethoric)\b", about=("ivc",), at_least_cm=2.0),
-    "pericardial_effusion": Finding(graded=(r"pericardial effusion", r"effusion (?:in|within) the pericardi"),
+    "pericardial_effusion": Finding(words=r"effusion|tamponade",
+                                    graded=(r"pericardial effusion", r"effusion (?:in|within) the pericardi"),
                                     present=(r"tamponade",), bare=r"\beffusion\b", about=("pericardium",)),
     "rv_systolic_function_depressed": Finding(
+        words=rf"{DEPRESSED}|dysfunction|mcconnell",
         graded=phrases(RV_FUNCTION, adjectives=DEPRESSED)
         + (rf"(?:{RV}) (?:has|shows|with|demonstrates){_FILLER} (?:{DEPRESSED}) (?:global )?systolic function",
            r"(?:rv|right ventricular) (?:systolic )?dysfunction"),
         present=(r"mcconnell'?s? sign",),
         bare=rf"\b(?:{DEPRESSED}) (?:global )?systolic function|systolic function (?:is )?(?:\w+ ){{0,3}}?(?:{DEPRESSED})",
         about=("right ventricle",)),
-    "elevated_left_atrial_pressure": Finding(present=phrases(LA_PRESSURE, adjectives=r"elevated|increased|high|raised")),
-    "wall_motion_hypokinesis": Finding(present=(r"hypokine(?:sis|sia|tic)",)),
-    "atrial_septum_hypertrophy": Finding(graded=(r"lipomatous",), bare=r"\bhypertroph(?:y|ied)\b",
-                                         about=("atrial septum",)),
+    "elevated_left_atrial_pressure": Finding(words=r"pressure|\blap\b|lvedp",
+                                             present=phrases(LA_PRESSURE, adjectives=r"elevated|increased|high|raised")),
+    "wall_motion_hypokinesis": Finding(words=r"hypokine", present=(r"hypokine(?:sis|sia|tic)",)),
+    "atrial_septum_hypertrophy": Finding(words=r"lipomatous|hypertroph", graded=(r"lipomatous",),
+                                         bare=r"\bhypertroph(?:y|ied)\b", about=("atrial septum",)),
 }
 
 NUMBER = (r"(?P<a>\d{1,3}(?:\.\d+)?)(?:\s*%?\s*(?:-|to)\s*(?P<b>\d{1,3}(?:\.\d+)?))?"
@@ -305,11 +322,9 @@ def sentences(text: str) -> list[tuple[str | None, str]]:
 
 
 def _severity(text: str, last: bool) -> str | None:
+    """'low' or 'high' for the last (or first) severity word in text, None if it has none."""
     found = list(SEVERITY_RE.finditer(text))
-    if not found:
-        return None
-    word = found[-1 if last else 0].group()
-    return next(level for p, level in SEVERITY if re.fullmatch(p, word))
+    return found[-1 if last else 0].lastgroup.rstrip("0123456789") if found else None
 
 
 def _clause(sentence: str, start: int, end: int) -> tuple[int, int]:
@@ -337,34 +352,29 @@ def _affirmed(sentence: str, start: int, end: int, graded: bool) -> bool:
     return level == "high"
 
 
-@dataclass(frozen=True)
-class _CompiledFinding:
-    patterns: tuple[tuple[re.Pattern, bool], ...]
-    bare: re.Pattern | None
-    about: tuple[re.Pattern, ...]
-    about_names: tuple[str, ...]
-    blockers: re.Pattern | None
-    graded: bool
-    at_least_cm: float | None
-    trigger: re.Pattern
+SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(cm|mm)\b")
 
 
-def _compile(f: Finding) -> _CompiledFinding:
-    patterns = tuple((re.compile(p), True) for p in f.graded) + tuple((re.compile(p), False) for p in f.present)
-    blockers = [STRUCTURES[s] for s in f.blocked_by if s not in f.about]
-    every = [p.pattern for p, _ in patterns] + ([f.bare] if f.bare else []) + ([r"\d"] if f.at_least_cm else [])
-    return _CompiledFinding(patterns, re.compile(f.bare) if f.bare else None,
-                            tuple(re.compile(STRUCTURES[s]) for s in f.about), f.about,
-                            re.compile("|".join(blockers)) if blockers else None, bool(f.graded), f.at_least_cm,
-                            re.compile("|".join(every)))
+class _Compiled:
+    """A Finding with its regular expressions compiled, alternatives joined so each is one scan."""
+
+    def __init__(self, f: Finding):
+        def joined(patterns):
+            return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+        self.words = re.compile(f.words)
+        self.phrases = [(p, graded) for p, graded in ((joined(f.graded), True), (joined(f.present), False)) if p]
+        self.bare, self.graded, self.at_least_cm = joined([f.bare] if f.bare else []), bool(f.graded), f.at_least_cm
+        self.about_names, self.about = f.about, joined([STRUCTURES[s] for s in f.about])
+        self.blockers = joined([STRUCTURES[s] for s in f.blocked_by if s not in f.about])
 
 
-def _stated(f: _CompiledFinding, section: str | None, sentence: str) -> bool:
-    for pattern, graded in f.patterns:
+def _stated(f: _Compiled, section: str | None, sentence: str) -> bool:
+    for pattern, graded in f.phrases:
         if any(_affirmed(sentence, m.start(), m.end(), graded) for m in pattern.finditer(sentence)):
             return True
-    about = SECTION_STRUCTURE.get(section) in f.about_names or any(p.search(sentence) for p in f.about)
-    if not about:
+    named = f.about.search(sentence) if f.about else None
+    if not (named or SECTION_STRUCTURE.get(section) in f.about_names):
         return False
     if f.bare:
         for m in f.bare.finditer(sentence):
@@ -374,9 +384,7 @@ def _stated(f: _CompiledFinding, section: str | None, sentence: str) -> bool:
             if _affirmed(sentence, m.start(), m.end(), f.graded):
                 return True
     if f.at_least_cm is not None:
-        named = [m for p in f.about for m in [p.search(sentence)] if m]
-        start = min((m.end() for m in named), default=0)
-        size = re.compile(r"(\d+(?:\.\d+)?)\s*(cm|mm)\b").search(sentence, start)
+        size = SIZE_RE.search(sentence, named.end() if named else 0)
         if size and float(size.group(1)) * (0.1 if size.group(2) == "mm" else 1.0) >= f.at_least_cm:
             return True
     return False
@@ -410,16 +418,18 @@ class Rules:
 
     def __init__(self, findings: dict[str, Finding], values: dict[str, Value]):
         self.findings, self.values = findings, values
-        self._findings = {t: _compile(f) for t, f in findings.items()}
+        self._findings = {t: _Compiled(f) for t, f in findings.items()}
         self._values = {t: (_value_patterns(v), v.low, v.high) for t, v in values.items()}
 
     def labels(self, text: str) -> dict:
         sents = sentences(text)
-        whole = " ".join(s for _, s in sents)
+        whole = "\n".join(s for _, s in sents)
+        starts = list(itertools.accumulate((len(s) + 1 for _, s in sents), initial=0))
         out = {t: None for t in TRAITS}
         for trait, f in self._findings.items():
-            # one search over the whole report first: most reports never mention most findings
-            out[trait] = int(bool(f.trigger.search(whole)) and any(_stated(f, sec, s) for sec, s in sents))
+            # one search over the whole report picks the few sentences worth a closer look
+            candidates = sorted({bisect.bisect_right(starts, m.start()) - 1 for m in f.words.finditer(whole)})
+            out[trait] = int(any(_stated(f, *sents[i]) for i in candidates))
         for trait, (groups, low, high) in self._values.items():
             out[trait] = _value(groups, low, high, sents)
         return out
