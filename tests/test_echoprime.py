@@ -101,9 +101,14 @@ def test_missing_file_says_which_and_where_from(tmp_path):
         EchoPrimeRelease(tmp_path)
 
 
-def test_index_out_of_range_is_reported(tmp_path):
-    make_release(tmp_path, reports=[[(0, 4, 1.0)]])
-    with pytest.raises(EchoPrimeError, match="report 0: phrase index .*below 4"):
+@pytest.mark.parametrize("triple, message", [((0, 4, 1.0), "phrase index of section 'Left Ventricle' 4 is not an index below 4"),
+                                             ((0, -1, 1.0), "phrase index .* -1 is not"),
+                                             ((4, 0, 1.0), "section index 4 is not an index below 4"),
+                                             ((1.5, 0, 1.0), "section index 1.5"), (("x", 0, 1.0), "section index 'x'"),
+                                             ((0, 1), r"expected \(section, phrase, value\) triples")])
+def test_bad_triples_are_reported(tmp_path, triple, message):
+    make_release(tmp_path, reports=[[(0, 0, 1.0)], [(0, 1, 1.0), triple]])
+    with pytest.raises(EchoPrimeError, match="report 1: " + message):
         list(EchoPrimeRelease(tmp_path).iter_reports())
 
 
