@@ -278,7 +278,7 @@ class DatasetWriter:
             raise ValueError(f"more reports than the {len(self.studies)} studies declared")
         if not isinstance(report, str) or not report.strip():
             raise ValueError(f"study {self.studies[i]!r} (row {i + 1}) has an empty report; drop it or fill it in")
-        self.parts[self.split[i]].write(json.dumps({"study": self.studies[i], "report": report}) + "\n")
+        self.parts[self.split[i]].write(json.dumps({"study": self.studies[i], "report": report}, ensure_ascii=False) + "\n")
         self.n_reports += 1
 
     def put_embeddings(self, first: int, emb: np.ndarray, offsets: np.ndarray | None = None):

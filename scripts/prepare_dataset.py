@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +45,6 @@ class Source:
     embed_dim: int
     stream: Callable  # stream(writer, progress): feeds every report and embedding to the writer
     by_patient: bool = False
-    notes: list = field(default_factory=list)
 
 
 def synthetic_source(args) -> Source:
@@ -176,6 +175,9 @@ def prepare(args) -> int:
     if status == "same":
         print0(f"{out}: already prepared from the same inputs and settings; nothing to do")
         return 0
+    leftovers = sorted(out.parent.glob(f".{out.name}.partial-*"))
+    if leftovers:  # not deleted here: another prepare_dataset may be writing it right now
+        print0(f"note: {', '.join(map(str, leftovers))} left by an interrupted run; delete when no prepare is running")
     split = assign_splits(source.patients, args.seed, val_size, test_size)
     sizes = ", ".join(f"{name} {int((split == k).sum()):,}" for k, name in enumerate(SPLITS))
     print0(f"{source.name}: {n:,} studies ({sizes}; split by {recipe['split']['by']}, seed {args.seed}), "

@@ -114,7 +114,7 @@ def test_force_never_deletes_what_is_not_a_dataset(tmp_path, capsys):
 
 def write_files(root, n=40, k=None, dim=6, patients=True, seed=0):
     rng = np.random.default_rng(seed)
-    records = [{"study": f"s{i}", "report": f"Left Ventricle: study {i} text.", **({"patient": f"p{i // 2}"} if patients else {})}
+    records = [{"study": f"s{i}", "report": f"Left Ventricle: study {i} text, EF ≥ {i}%.", **({"patient": f"p{i // 2}"} if patients else {})}
                for i in range(n)]
     (root / "reports.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     counts = np.ones(n, dtype=np.int64) if k is None else rng.integers(1, k + 1, n)
