@@ -1,0 +1,321 @@
+"""Clinical evaluation on the test split: what do the generated reports say, and is it right?
+
+    python -m scripts.test_inference --run runs/speedrun/model                    # all test studies
+    python -m scripts.test_inference --run RUN --max-studies 2000 --samples 5 --out RUN/eval
+
+Every report, generated or reference, goes through the same label extractor (echovlm.clinical; or
+EchoPrime's own phrase rules with --echoprime-rules), and the labels are compared trait by trait, on the
+same studies, for four systems:
+
+  model      hard label: the greedy report's label. Score: the fraction of --samples reports sampled at
+             --temperature that state the finding, a continuous score so that AUROC can rank studies.
+  prior      the same model fed another test study's embeddings (a seeded shuffle that leaves no study with
+             its own): what the model writes without knowing the study. Beating it shows the prefix is read.
+  retrieval  the report of the nearest training study by cosine similarity of mean embeddings, as EchoPrime
+             does. It gives hard labels only, so its AUROC is its balanced accuracy.
+  knn50      the mean label of the --knn nearest training studies as the score; the majority as hard label.
+
+Binary traits: AUROC of the score and of the hard 0/1 label (= balanced accuracy, the number the reference
+system reports), with 95% bootstrap CIs over studies (the same resamples for every system). A trait with
+no positive or no negative study is N/A. LVEF and PASP: R^2 and MAE of the greedy (or retrieved, or
+neighbour-mean) value; studies where either side states no value are dropped and counted. Core Metric, as
+in EchoPrime's tables: the mean over traits of AUROC (binary) and R^2 (continuous); "hard" uses hard AUROC.
+
+Outputs, in a new directory (--out, default <run>/eval; eval1, eval2, ... if taken, nothing is overwritten):
+metrics.csv, metrics.json (with a summary), metrics.md, traits.png, samples.md (5 generated reports beside
+their references), language.json (BLEU-4 and ROUGE-L: secondary, they reward wording, not findings).
+"""
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from echovlm.checkpoint import load_model
+from echovlm.clinical import (BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS, extract_labels, label_arrays,
+                              load_echoprime_rules, score_traits)
+from echovlm.common import atomic_write_bytes, atomic_write_json, atomic_write_text, autodetect_device, new_run_dir, print0
+from echovlm.dataset import open_dataset
+from echovlm.engine import Engine
+
+SYSTEMS = ("model", "prior", "retrieval", "knn50")
+PRIOR_KIND = "the embeddings of another test study (seeded shuffle, none keeps its own)"
+
+
+# ------------------------------------------------------------------ retrieval over the training split
+
+def mean_embeddings(emb, offsets, start: int, stop: int, device) -> torch.Tensor:
+    """L2-normalised mean embedding of studies start..stop-1 of an (emb, offsets) block, float32 on device."""
+    rows = torch.from_numpy(np.asarray(emb[offsets[start]:offsets[stop]], dtype=np.float32)).to(device)
+    counts = torch.from_numpy(np.diff(offsets[start:stop + 1])).to(device)
+    owner = torch.repeat_interleave(torch.arange(stop - start, device=device), counts)
+    sums = torch.zeros(stop - start, rows.shape[1], device=device).index_add_(0, owner, rows)
+    return torch.nn.functional.normalize(sums, dim=1)
+
+
+def nearest_training_studies(ds, query: torch.Tensor, k: int, device, chunk: int = 32768) -> np.ndarray:
+    """Indices (N, k) of the k training studies most cosine-similar to each (normalised) query row, best first.
+
+    The training split (1.2M studies on EchoPrime) is read in chunks and a running top-k is merged, so memory
+    is one chunk of embeddings plus a (query block x chunk) similarity matrix, never N x N_train.
+    """
+    emb, offsets = ds.embedding_block("train")
+    n_train, n = len(offsets) - 1, query.shape[0]
+    k = min(k, n_train)
+    best_sim = torch.full((n, k), -float("inf"), device=device)
+    best_idx = torch.zeros((n, k), dtype=torch.long, device=device)
+    block = max(1, (1 << 26) // chunk)  # query rows per matmul: at most 64M similarities (256 MB) at a time
+    for start in range(0, n_train, chunk):
+        stop = min(start + chunk, n_train)
+        keys = mean_embeddings(emb, offsets, start, stop, device)
+        for q0 in range(0, n, block):
+            q1 = min(q0 + block, n)
+            sims = torch.cat([best_sim[q0:q1], query[q0:q1] @ keys.T], dim=1)
+            cand = torch.cat([best_idx[q0:q1], torch.arange(start, stop, device=device).expand(q1 - q0, -1)], dim=1)
+            best_sim[q0:q1], top = sims.topk(k, dim=1)
+            best_idx[q0:q1] = cand.gather(1, top)
+    return best_idx.cpu().numpy()
+
+
+# ------------------------------------------------------------------ each system: hard labels/values and a score
+
+def from_reports(greedy: list[dict], sampled: list[list[dict]] | None) -> dict:
+    """Hard labels and values from one report per study; score = fraction of sampled reports stating a finding."""
+    system = {"predicted": label_arrays(greedy), "score": None}
+    if sampled is not None:
+        system["score"] = {t: np.array([np.mean([d[t] == 1 for d in s]) for s in sampled]) for t in BINARY_TRAITS}
+    return system
+
+
+def from_neighbours(train: dict[str, np.ndarray], neighbours: np.ndarray) -> dict:
+    """Score = mean label of the neighbours that settle the trait; hard label = majority; value = mean value."""
+    def mean_rows(a):
+        ok = ~np.isnan(a)
+        return np.where(ok.any(1), np.nansum(a, 1) / np.maximum(ok.sum(1), 1), np.nan)
+
+    score = {t: mean_rows(train[t][neighbours]) for t in BINARY_TRAITS}
+    predicted = {t: np.where(np.isnan(s), np.nan, (s > 0.5).astype(float)) for t, s in score.items()}
+    predicted.update({t: mean_rows(train[t][neighbours]) for t in CONTINUOUS_TRAITS})
+    return {"predicted": predicted, "score": score}
+
+
+def generate_reports(engine, embeddings, args, seed: int, what: str):
+    """(greedy report per study, args.samples sampled reports per study or None, reports generated, seconds)."""
+    t0 = time.perf_counter()
+    common = dict(max_tokens=args.max_tokens, batch_size=args.batch_size, progress=True)
+    print0(f"{what}: greedy reports")
+    greedy = [s[0] for s in engine.generate_text(embeddings, temperature=0.0, **common)]
+    sampled = None
+    if args.samples > 0:
+        print0(f"{what}: {args.samples} sampled reports per study at temperature {args.temperature}")
+        sampled = engine.generate_text(embeddings, temperature=args.temperature, top_k=args.top_k,
+                                       num_samples=args.samples, seed=seed, **common)
+    return greedy, sampled, len(greedy) * (1 + args.samples), time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ outputs
+
+def fmt_ci(row, metric: str, spec: str = ".3f") -> str:
+    v = row[metric]
+    if pd.isna(v):
+        return "N/A"
+    return f"{v:{spec}} ({row[metric + '_lo']:{spec}}-{row[metric + '_hi']:{spec}})"
+
+
+def markdown_tables(table: pd.DataFrame, summaries: dict) -> str:
+    rows = {(r.system, r.trait): r._asdict() for r in table.itertuples(index=False)}
+    cols = [("model", "auroc"), ("model", "auroc_hard"), ("prior", "auroc"), ("prior", "auroc_hard"),
+            ("retrieval", "auroc_hard"), ("knn50", "auroc"), ("knn50", "auroc_hard")]
+    head = ["trait", "n", "positives", "prevalence"] + [f"{s} {'AUROC' if m == 'auroc' else 'hard'}" for s, m in cols]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for t in BINARY_TRAITS:
+        r = rows[("model", t)]
+        prevalence = f"{r['positives'] / r['n']:.3f}" if r["n"] else "N/A"
+        cells = [fmt_ci(rows[(s, t)], m) for s, m in cols] if r["status"] == "ok" else [r["status"]] * len(cols)
+        lines.append(f"| {t} | {r['n']} | {r['positives']} | {prevalence} | " + " | ".join(cells) + " |")
+    lines += ["", "| trait | system | n | dropped | R^2 | MAE |", "|---|---|---|---|---|---|"]
+    for t in CONTINUOUS_TRAITS:
+        for s in SYSTEMS:
+            r = rows[(s, t)]
+            lines.append(f"| {t} | {s} | {r['n']} | {r['dropped']} | {fmt_ci(r, 'r2')} | {fmt_ci(r, 'mae', '.2f')} |")
+    lines += ["", "| Core Metric (mean AUROC and R^2 over traits) | " + " | ".join(SYSTEMS) + " |",
+              "|---" * (len(SYSTEMS) + 1) + "|"]
+    for key, label in (("core_metric", "from the score"), ("core_metric_hard", "from the hard labels")):
+        vals = [summaries[s][key] for s in SYSTEMS]
+        lines.append(f"| {label} | " + " | ".join("N/A" if v is None else f"**{v:.3f}**" for v in vals) + " |")
+    lines += ["", "AUROC: from the continuous score (model/prior: fraction of sampled reports stating the finding; "
+              "kNN: mean neighbour label); retrieval has hard labels only. Hard: AUROC of 0/1 labels, i.e. balanced "
+              f"accuracy. 95% bootstrap CIs in brackets. Prior: the model given {PRIOR_KIND}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_traits(path: Path, table: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = table[(table.system == "model") & (table.kind == "binary") & (table.status == "ok")].trait.tolist()
+    series = [("model", "auroc"), ("prior", "auroc"), ("retrieval", "auroc_hard"), ("knn50", "auroc")]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 0.4 * max(len(ok), 4) + 2), gridspec_kw={"width_ratios": [3, 1]})
+    h, y = 0.8 / len(series), np.arange(len(ok))
+    for i, (s, m) in enumerate(series):
+        r = table[table.system == s].set_index("trait").loc[ok]
+        ax.barh(y + i * h, r[m], h, xerr=[r[m] - r[m + "_lo"], r[m + "_hi"] - r[m]], capsize=2,
+                label=f"{s} ({'score' if m == 'auroc' else 'hard labels'})")
+    ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(y + 0.4 - h / 2, ok, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("AUROC (95% CI)")
+    ax.legend(fontsize=8, loc="lower right")
+    for j, t in enumerate(CONTINUOUS_TRAITS):
+        r2 = table[table.trait == t].set_index("system").loc[list(SYSTEMS), "r2"].fillna(0.0)
+        ax2.bar(np.arange(len(SYSTEMS)) + j * 0.4, r2, 0.4, label=t)
+    ax2.set_xticks(np.arange(len(SYSTEMS)) + 0.2, SYSTEMS, fontsize=8)
+    ax2.axhline(0, color="grey", lw=0.8)
+    ax2.set_ylabel("R^2 (N/A drawn as 0)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def language_metrics(hypotheses: dict[str, list[str]], references: list[str]) -> dict:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    out = {"note": "secondary: n-gram overlap rewards wording, not correct findings; the clinical table is the result"}
+    for name, hyps in hypotheses.items():
+        rouge = np.mean([scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hyps)])
+        out[name] = {"bleu4": round(sacrebleu.corpus_bleu(hyps, [references]).score, 3), "rougeL_f": round(float(rouge), 4)}
+    return out
+
+
+# ------------------------------------------------------------------ main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="training run directory (or a checkpoint .pt file)")
+    p.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint to load")
+    p.add_argument("--dataset", help="prepared dataset (default: the one the model was trained on)")
+    p.add_argument("--max-studies", type=int, default=None, help="score the first N test studies (default: all)")
+    p.add_argument("--samples", type=int, default=5, help="sampled reports per study for the AUROC score (0: greedy only)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of those reports")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--max-tokens", type=int, default=None, help="report tokens (default: fill the sequence length)")
+    p.add_argument("--knn", type=int, default=50, help="neighbours averaged by the kNN baseline")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--echoprime-rules", help="label with EchoPrime's per_section.json (file or checkout) instead of ours")
+    p.add_argument("--batch-size", type=int, default=None, help="rows decoded together (default: 256 on CUDA, 64 else)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output directory (default: <run>/eval); eval1, eval2, ... when it exists")
+    args = p.parse_args(argv)
+    for flag in ("max_studies", "knn", "bootstrap", "batch_size", "top_k"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.samples < 0 or args.temperature <= 0:
+        p.error("--samples must be >= 0 and --temperature > 0")
+
+    t_start = time.perf_counter()
+    device = torch.device(autodetect_device(args.device))
+    args.batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
+    rules = load_echoprime_rules(args.echoprime_rules) if args.echoprime_rules else None
+    model, tokenizer, info = load_model(args.run, device, which=args.which)
+    dataset = args.dataset or info.get("dataset")
+    if not dataset:
+        raise SystemExit("test_inference: the checkpoint does not name its dataset; pass --dataset")
+    ds = open_dataset(dataset)
+    if ds.embed_dim != model.config.embed_dim:
+        raise SystemExit(f"test_inference: {dataset} has {ds.embed_dim}-d embeddings but the model reads "
+                         f"{model.config.embed_dim}-d ones; pass the dataset it was trained on")
+    ids, refs, embeddings = ds.studies("test"), ds.reports("test"), ds.embeddings("test")
+    n = len(ids) if args.max_studies is None else min(args.max_studies, len(ids))
+    if n < 2:
+        raise SystemExit(f"test_inference: the test split of {dataset} has {len(ids)} studies; at least 2 are needed")
+    ids, refs, embeddings = ids[:n], refs[:n], embeddings[:n]
+    print0(f"scoring {n} test studies of {dataset} with {info['checkpoint']} (step {info.get('step')}) on {device}")
+
+    def labels(texts):
+        return [extract_labels(t, rules) for t in texts]
+
+    reference = labels(refs)
+    engine = Engine(model, tokenizer)
+
+    model_text, model_samples, gen_n, gen_s = generate_reports(engine, embeddings, args, args.seed, "model")
+    # prior: study order[j] gets the embeddings of order[j+1], a shuffle in which no study keeps its own
+    order = np.random.default_rng(args.seed).permutation(n)
+    source = np.empty(n, dtype=np.int64)
+    source[order] = np.roll(order, -1)
+    prior_text, prior_samples, c, s = generate_reports(engine, [embeddings[i] for i in source], args, args.seed + 1, "prior")
+    gen_n, gen_s = gen_n + c, gen_s + s
+
+    print0(f"retrieval: the {args.knn} nearest training studies of each test study")
+    query = torch.stack([torch.from_numpy(e).mean(0) for e in embeddings]).to(device)
+    neighbours = nearest_training_studies(ds, torch.nn.functional.normalize(query, dim=1), args.knn, device)
+    train_reports = ds.reports("train")
+    needed = np.unique(neighbours)  # only training studies that are someone's neighbour need labels
+    train = {t: np.full(len(train_reports), np.nan) for t in TRAITS}
+    for t, a in label_arrays(labels([train_reports[i] for i in needed])).items():
+        train[t][needed] = a
+    retrieval_text = [train_reports[i] for i in neighbours[:, 0]]
+    systems = {"model": from_reports(labels(model_text), None if model_samples is None else [labels(s) for s in model_samples]),
+               "prior": from_reports(labels(prior_text), None if prior_samples is None else [labels(s) for s in prior_samples]),
+               "retrieval": {"predicted": {t: train[t][neighbours[:, 0]] for t in TRAITS}, "score": None},
+               "knn50": from_neighbours(train, neighbours)}
+
+    print0(f"scoring: {args.bootstrap} bootstrap resamples")
+    tables, summaries = [], {}
+    for name, system in systems.items():
+        table, summary = score_traits(reference, system["predicted"], system["score"], args.bootstrap, args.seed)
+        tables.append(table.assign(system=name))
+        summaries[name] = summary
+    table = pd.concat(tables, ignore_index=True)
+    table = table[["system"] + [c for c in table.columns if c != "system"]]
+    elapsed = time.perf_counter() - t_start
+    summary = {"core_metric": {s: summaries[s]["core_metric"] for s in SYSTEMS},
+               "core_metric_hard": {s: summaries[s]["core_metric_hard"] for s in SYSTEMS},
+               "traits_na": summaries["model"]["traits_na"], "n_studies": n, "samples_k": args.samples,
+               "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "knn": args.knn,
+               "bootstrap": args.bootstrap, "prior": PRIOR_KIND,
+               "rules": rules.source if rules else "echovlm.clinical", "elapsed_s": round(elapsed, 1),
+               "generated_reports": gen_n, "generation_s": round(gen_s, 1),
+               "generation_reports_per_s": round(gen_n / gen_s, 2), "checkpoint": info["checkpoint"],
+               "step": info.get("step"), "dataset": str(dataset), "device": str(device)}
+
+    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    out = Path(args.out) if args.out else run_dir / "eval"
+    out = new_run_dir(out.parent, out.name)
+    atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
+    records = json.loads(table.to_json(orient="records"))  # NaN -> null
+    atomic_write_json(out / "metrics.json", {"summary": summary, "traits": records})
+    md = markdown_tables(table, summaries)
+    atomic_write_text(out / "metrics.md", md + f"\n{n} test studies, K={args.samples} samples at temperature "
+                      f"{args.temperature}, seed {args.seed}; {gen_n} reports generated at "
+                      f"{summary['generation_reports_per_s']} reports/s; {elapsed:.0f}s in all.\n")
+    plot_traits(out / "traits.png", table)
+    samples = ["# Generated reports beside their references", ""]
+    for i in range(min(5, n)):
+        samples += [f"## Test study {ids[i]}", "", "Generated (greedy):", "", "```", model_text[i], "```", "",
+                    "Reference:", "", "```", refs[i], "```", ""]
+    atomic_write_text(out / "samples.md", "\n".join(samples))
+    atomic_write_json(out / "language.json", language_metrics(
+        {"model": model_text, "prior": prior_text, "retrieval": retrieval_text}, refs))
+
+    print0(md)
+    print0(f"wrote {out} in {elapsed:.0f}s ({summary['generation_reports_per_s']} reports/s generated)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
