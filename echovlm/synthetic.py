@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # bump whenever what a given seed produces changes, so prepared datasets are rebuilt rather than reused
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 CHUNK = 1024
 DEFAULT_SIGNAL = 0.15  # a linear probe then gets LVEF R^2 ~0.85 from 2,000 studies: learnable, not trivial
 PROJECTION_SEED = 20240917
@@ -129,7 +129,9 @@ def sample_states(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
 
 def labels_from_state(s: dict[str, list], i: int) -> dict[str, int]:
     """The 23 binary ground-truth labels of study i (moderate or worse counts, as the evaluator reads it)."""
-    sig = lambda name: int(s[name][i] >= 2)  # noqa: E731
+    def sig(name):
+        return int(s[name][i] >= 2)
+
     return {
         "pacemaker": int(s["pacemaker"][i]), "impella": int(s["impella"][i]), "tavr": int(s["tavr"][i]),
         "mitraclip": int(s["mitraclip"][i]), "aortic_root_dilation": sig("root_dilation"),
@@ -172,15 +174,15 @@ def _size(r: random.Random, g: int, chamber: str) -> str:
 def _regurgitation(r: random.Random, g: int, valve: str, none_words=("No", "There is no")) -> str:
     if g == 0:
         return f"{r.choice(none_words)} {valve} regurgitation."
-    return r.choice([f"{_sev(r, g).capitalize()} {valve} regurgitation.",
-                     f"There is {_sev(r, g)} {valve} regurgitation."])
+    sev = _sev(r, g)
+    return r.choice([f"{sev.capitalize()} {valve} regurgitation.", f"There is {sev} {valve} regurgitation."])
 
 
 def _stenosis(r: random.Random, g: int, valve: str) -> str:
     if g == 0:
         return r.choice([f"No {valve} stenosis.", f"There is no {valve} stenosis."])
-    return r.choice([f"{_sev(r, g, ['mild']).capitalize()} {valve} stenosis.",
-                     f"There is {_sev(r, g, ['mild'])} {valve} stenosis."])
+    sev = _sev(r, g, ["mild"])
+    return r.choice([f"{sev.capitalize()} {valve} stenosis.", f"There is {sev} {valve} stenosis."])
 
 
 def _left_ventricle(r, s, i, labels):
@@ -233,7 +235,7 @@ def _wall_motion(r, s, i, labels):
 def _right_ventricle(r, s, i, labels):
     out = [_size(r, int(s["rv_dilation"][i]), "right ventricle")]
     g = int(s["rv_dysfunction"][i])
-    tapse = {0: r.uniform(1.8, 2.6), 1: r.uniform(1.5, 1.8), 2: r.uniform(1.1, 1.5), 3: r.uniform(0.7, 1.1)}[g]
+    tapse = r.uniform(*[(1.8, 2.6), (1.5, 1.8), (1.1, 1.5), (0.7, 1.1)][g])
     if g == 0:
         out.append(r.choice(["Right ventricular systolic function is normal.", "Normal right ventricular systolic function."]))
     else:
@@ -249,7 +251,7 @@ def _right_ventricle(r, s, i, labels):
 
 def _left_atrium(r, s, i, labels):
     g = int(s["la_dilation"][i])
-    lavi = {0: r.uniform(20, 34), 1: r.uniform(35, 41), 2: r.uniform(42, 48), 3: r.uniform(49, 70)}[g]
+    lavi = r.uniform(*[(20, 34), (35, 41), (42, 48), (49, 70)][g])
     return [_size(r, g, "left atrium"), f"LA volume index {lavi:.0f} mL/m2."]
 
 
@@ -261,21 +263,24 @@ def _atrial_septum(r, s, i, labels):
     out = [r.choice(["The interatrial septum is intact by color Doppler.", "No interatrial shunt is seen."])]
     g = int(s["septal_lipoma"][i])
     if g:
-        out.append(r.choice([f"There is {_sev(r, g, ['mild'])} lipomatous hypertrophy of the interatrial septum.",
-                             f"{_sev(r, g, ['mild']).capitalize()} lipomatous hypertrophy of the atrial septum."]))
+        sev = _sev(r, g, ["mild"])
+        out.append(r.choice([f"There is {sev} lipomatous hypertrophy of the interatrial septum.",
+                             f"{sev.capitalize()} lipomatous hypertrophy of the atrial septum."]))
     return out
 
 
 def _mitral_valve(r, s, i, labels):
     out = []
     g = int(s["mac"][i])
-    out.append("The mitral leaflets are structurally normal." if g == 0 else
-               r.choice([f"There is {_sev(r, g, ['mild'])} mitral annular calcification.",
-                         f"{_sev(r, g, ['mild']).capitalize()} mitral annular calcification."]))
+    if g == 0:
+        out.append("The mitral leaflets are structurally normal.")
+    else:
+        sev = _sev(r, g, ["mild"])
+        out.append(r.choice([f"There is {sev} mitral annular calcification.", f"{sev.capitalize()} mitral annular calcification."]))
     g = int(s["mitral_stenosis"][i])
     out.append(_stenosis(r, g, "mitral"))
     if g:
-        gradient = {1: r.uniform(3, 5), 2: r.uniform(5, 10), 3: r.uniform(10, 16)}[g]
+        gradient = r.uniform(*[(3, 5), (5, 10), (10, 16)][g - 1])
         out.append(f"Mean transmitral gradient {gradient:.0f} mmHg.")
     if s["mitraclip"][i]:
         out.append(r.choice(["A MitraClip is seen on the mitral leaflets.", "Two MitraClips are in place on the mitral leaflets.",
@@ -299,7 +304,7 @@ def _aortic_valve(r, s, i, labels):
         g = int(s["aortic_stenosis"][i])
         out.append(_stenosis(r, g, "aortic"))
         if g:
-            vmax = {1: r.uniform(2.6, 2.9), 2: r.uniform(3.0, 3.9), 3: r.uniform(4.0, 5.2)}[g]
+            vmax = r.uniform(*[(2.6, 2.9), (3.0, 3.9), (4.0, 5.2)][g - 1])
             out.append(f"Peak velocity {vmax:.1f} m/s, mean gradient {vmax ** 2 * 2.4:.0f} mmHg.")
     out.append(_regurgitation(r, int(s["aortic_regurgitation"][i]), "aortic"))
     return out
@@ -321,9 +326,8 @@ def _pericardium(r, s, i, labels):
     g = int(s["effusion"][i])
     if g == 0:
         return [r.choice(["No pericardial effusion.", "There is no pericardial effusion."])]
-    words = {1: ["trivial", "small"], 2: ["moderate"], 3: ["large"]}[g]
-    out = [r.choice([f"There is a {r.choice(words)} pericardial effusion.",
-                     f"{r.choice(words).capitalize()} circumferential pericardial effusion."])]
+    size = r.choice([["trivial", "small"], ["moderate", "moderate to large"], ["large"]][g - 1])
+    out = [r.choice([f"There is a {size} pericardial effusion.", f"{size.capitalize()} circumferential pericardial effusion."])]
     if s["tamponade"][i]:
         out.append("There are echocardiographic signs of tamponade.")
     return out
@@ -331,7 +335,7 @@ def _pericardium(r, s, i, labels):
 
 def _aorta(r, s, i, labels):
     g = int(s["root_dilation"][i])
-    size = {0: r.uniform(2.7, 3.6), 1: r.uniform(3.7, 4.1), 2: r.uniform(4.2, 4.6), 3: r.uniform(4.7, 5.5)}[g]
+    size = r.uniform(*[(2.7, 3.6), (3.7, 4.1), (4.2, 4.6), (4.7, 5.5)][g])
     if g == 0:
         return [r.choice([f"The aortic root is normal in size, measuring {size:.1f} cm.", f"Normal aortic root ({size:.1f} cm)."])]
     adverb = ["mildly", "moderately", "severely"][g - 1]
