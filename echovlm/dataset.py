@@ -195,16 +195,15 @@ def existing_status(out: str | os.PathLike, recipe: dict, force: bool) -> str:
         return "new"
     if not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a directory; choose another --out")
-    meta_path = out / "meta.json"
-    if not meta_path.is_file():
-        if not any(out.iterdir()):
-            return "replace"
-        raise FileExistsError(f"--out {out} exists and is not a prepared dataset (no meta.json); it is left "
-                              f"untouched: choose another --out or move it away yourself")
+    if not any(out.iterdir()):
+        return "replace"
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        meta = {}
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or not {"format_version", "source", "counts"} <= set(meta):
+        raise FileExistsError(f"--out {out} exists and is not a prepared dataset (no readable meta.json of ours); "
+                              f"it is left untouched: choose another --out or move it away yourself")
     if all(meta.get(k) == recipe.get(k) for k in RECIPE_KEYS):
         complete = all((out / f).is_file() for f in FILES)
         if complete:

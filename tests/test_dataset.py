@@ -110,6 +110,9 @@ def test_force_never_deletes_what_is_not_a_dataset(tmp_path, capsys):
     assert prepare_main(SYN + ["--out", str(out), "--force"]) == 1
     assert "not a prepared dataset" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine" and os.listdir(out) == ["notes.txt"]
+    (out / "meta.json").write_text('{"version": 3}')  # somebody else's meta.json is not ours either
+    assert prepare_main(SYN + ["--out", str(out), "--force"]) == 1
+    assert sorted(os.listdir(out)) == ["meta.json", "notes.txt"]
 
 
 def write_files(root, n=40, k=None, dim=6, patients=True, seed=0):
