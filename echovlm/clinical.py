@@ -6,25 +6,33 @@ numbers, LVEF (%) and PA systolic pressure (mmHg).
 
 How a binary trait is read (all rules are our own regular expressions, in the tables below):
 
-1. The text is lower-cased and its whitespace and dashes normalised. A line "<Section>: ..." (one of the 16
-   report sections) starts a section; "[SEP]" also ends one. A line break ends a sentence unless the next
-   line starts in lower case (a wrapped line). Sentences end at . ; ! ? (not at the point of "2.3 cm").
+1. A line "<Section>: ..." (one of the 16 report sections) starts a section; "[SEP]" also ends one. A line
+   break ends a sentence unless the next line starts in lower case (a wrapped line). Sentences end at
+   . ; ! ? (not at the point of "2.3 cm"), and where a phrase without a full stop runs into the next one
+   ("No tricuspid stenosis There is moderate regurgitation": a capitalised word after a lower-case word
+   that is not a function word such as "to" in "mild to Moderate"). Then case, spaces and dashes are
+   normalised ("Moderate-to-severe" -> "moderate to severe").
 2. In each sentence, a finding is an explicit phrase ("moderate aortic stenosis", "the left atrium is
    severely dilated") or a bare one ("moderate stenosis") that is read as the structure the sentence is
    about: the section's structure, or the one the sentence names. A bare phrase whose clause names another
-   structure (another valve for a valve finding) belongs to that one and is skipped.
+   structure (another valve, for a valve finding) belongs to that one and is skipped. Section headers are
+   context only: an explicit phrase counts in any section.
 3. The finding's clause runs from the previous boundary (, : ; and but with whereas although however while)
    to the next one. The finding is negated by no / not / without / absent / ruled out / no evidence of ...
    before it in its clause (across "or", so "no stenosis or regurgitation" negates both; not across a comma
    or "and", so "no stenosis, moderate regurgitation" keeps the regurgitation), or by "is not seen",
-   "is absent", "was ruled out" right after it. "No change" and "not changed" are not negations.
+   "is absent", "was ruled out" right after it. "No change" and "not changed" are not negations. A finding
+   left open ("cannot rule out tamponade", "... cannot be excluded") does not count; a possible bicuspid
+   valve does, as the trait asks.
 4. A graded finding needs a severity of moderate or worse in its clause: the word inside the phrase, else
-   the nearest one before it, else the first after it ("aortic stenosis is severe", "effusion, moderate in
-   size"). "Mild to moderate", "small to moderate", "trace", "trivial" ... are below moderate.
+   the nearest one before it (not past another finding: in "severe TR can lead to RA enlargement" the
+   "severe" is the TR's), else the first after it ("aortic stenosis is severe", "effusion, moderate in
+   size"). "Mild to moderate", "small to moderate", "trace", "trivial", "not severe" are below moderate.
 
-Numbers: the first statement in the report wins, a range gives its midpoint ("55-60%" -> 57.5), and values
-outside 0-100 (EF) or 0-200 mmHg (PASP) are None. RVSP counts as PASP (with no pulmonic stenosis they are
-the same number, and reports often give only the RVSP), but an explicit PA systolic pressure is preferred.
+Numbers: the first statement in the report wins, a range gives its midpoint ("55-60%", "between 55 and 60%"
+-> 57.5), and values outside 0-100 (EF) or 0-200 mmHg (PASP) are None. RVSP counts as PASP (with no pulmonic
+stenosis they are the same number, and reports often give only the RVSP), but an explicit PA systolic
+pressure is preferred. "40 + CVP mmHg" reads as 40, the stated number, as EchoPrime's rules read it.
 
 load_echoprime_rules() reads EchoPrime's own phrase list from the user's checkout instead, for numbers that
 are comparable with published tables. Its phrases are never copied into this repository.
@@ -76,7 +84,7 @@ STRUCTURES = {
     "pulmonary veins": r"pulmonary vein",
     # not sections, but a bare "stenosis" or "effusion" next to them is theirs, not the section's
     "other": r"pleural|\blvot\b|outflow tract|subaortic|subvalvular|supravalvular|coronary|septal defect|"
-             r"(?:ascending|descending|abdominal|thoracic) aorta|aortic arch",
+             r"(?:ascending|descending|abdominal|thoracic) aorta|aortic arch|sinotubular",
 }
 SECTION_STRUCTURE = {s.lower(): s.lower() for s in SECTIONS if s.lower() in STRUCTURES}
 SECTION_STRUCTURE.update({"resting segmental wall motion analysis": "left ventricle", "aortic valve": "aortic valve",
@@ -87,18 +95,21 @@ ALL_STRUCTURES = tuple(STRUCTURES)
 
 # Severity words, compound phrases first so "mild to moderate" is never read as "moderate".
 SEVERITY = [
-    (r"mild(?:ly)? (?:to )?moderate(?:ly)?|small (?:to )?moderate|trace (?:to )?mild|[12]\+", "low"),
+    (r"(?:not|less than|no more than|at most) (?:mild|moderate|severe)(?:ly)?|"
+     r"mild(?:ly)? (?:to )?moderate(?:ly)?|small (?:to )?moderate|trace (?:to )?mild|[12]\+", "low"),
     (r"moderate(?:ly)? (?:to )?severe(?:ly)?|moderate(?:ly)? (?:to )?large|at least moderate(?:ly)?|"
      r"very (?:severe|large)|[34]\+", "high"),
     (r"trace|trivial|minimal(?:ly)?|mild(?:ly)?|small|tiny|physiologic(?:al)?|borderline|slight(?:ly)?", "low"),
     (r"moderate(?:ly)?|severe(?:ly)?|large|critical|massive(?:ly)?|marked(?:ly)?|torrential|huge", "high"),
 ]
 SEVERITY_RE = re.compile("|".join(rf"(?<![\w+])(?P<{level}{i}>{p})(?!\w)" for i, (p, level) in enumerate(SEVERITY)))
+# "cannot rule out X" and "X cannot be excluded" leave X unsettled, so they do not count either
 NEGATION_RE = re.compile(r"\b(?:no|not|without|absent|negative for|absence of|free of|rule out|ruled out|"
-                         r"excluded|neither|nor|never)\b")
+                         r"exclude|excluded|neither|nor|never)\b")
 PSEUDO_NEGATION_RE = re.compile(r"\bno (?:significant |interval )*change|\bnot (?:significantly )?changed|"
                                 r"\bnot (?:well )?(?:seen|visuali[sz]ed) (?:well )?(?=but)")
-NEGATED_AFTER_RE = re.compile(r"\s*(?:is |are |was |were |has been |have been )?(?:not (?:seen|visuali[sz]ed|"
+NEGATED_AFTER_RE = re.compile(r"\s*(?:is |are |was |were |has been |have been |cannot be |can not be |could not be )?"
+                              r"(?:not (?:seen|visuali[sz]ed|"
                               r"present|identified|demonstrated|detected|appreciated|noted|observed)|absent|"
                               r"ruled out|excluded|removed)\b")
 BOUNDARY_RE = re.compile(r"[,:;]|\b(?:and|but|with|whereas|although|though|however|while|yet)\b")
@@ -196,11 +207,13 @@ FINDINGS = {
     "impella": Finding(words=r"impella", present=(r"\bimpella",)),
     "tavr": Finding(
         words=r"tav[ri]|transcatheter|stent|bioprosthe|corevalve|evolut|sapien",
-        present=(r"\btav[ri]\b|transcatheter aortic valve|stent valve|"
+        present=(r"\btav[ri]\b|transcatheter aortic valve|stent valve(?!(?: \w+){0,3}? in (?:the )?(?:pulmonic|pulmonary|"
+                 r"mitral|tricuspid) position)|"
                  r"bioprosthe(?:tic|sis)(?: valve)? (?:is )?(?:present |seen |noted )?in the aortic position|"
                  r"bioprosthetic (?:aortic valve|avr)|aortic (?:valve )?bioprosthesis|\b(?:corevalve|evolut|sapien)\b",),
         bare=r"bioprosthe(?:tic|sis)", about=("aortic valve",), blocked_by=VALVES),
-    "mitraclip": Finding(words=r"clip", present=(r"mitra ?clips?\b|mitral (?:valve )?clips?\b",),
+    "mitraclip": Finding(words=r"clip", present=(r"(?:mitra ?clips?|mitral (?:valve )?clips?)\b"
+                                                 r"(?!(?: \w+){0,3}? in the tricuspid position)",),
                          bare=r"\bclips?\b", about=("mitral valve",), blocked_by=VALVES),
     "aortic_root_dilation": Finding(words=ENLARGED_WORDS, graded=phrases(ROOT, DILATION, DILATED), bare=ENLARGED,
                                     about=("aorta",)),
@@ -278,7 +291,9 @@ VALUES = {
         keys=(r"(?<!mean )\b(?:pulmonary arter(?:y|ial)|pa) (?:peak )?(?:systolic )?pressure|\bpasp\b|\bspap\b|"
               r"\bpa systolic\b",
               r"\brvsp\b|(?:right ventricular|rv) systolic pressure"),
-        unit=r"mmhg", low=0, high=200),
+        # "40 + CVP mmHg": the stated number, as EchoPrime's own rules read it
+        unit=r"(?:(?:\+|plus)\s*(?:cvp|rap|(?:the )?(?:ra|right atrial) pressure)\s*)?mmhg", low=0, high=200,
+        unit_optional_after=r"[^\d%]{0,40}?"),
 }
 # the words a key's number may not be separated from it by: they start another measurement
 _GAP = r"(?:(?!pressure|gradient|velocity|shortening|strain|collaps|\bef\b|fraction)[^;%]){0,80}?"
@@ -294,7 +309,28 @@ def normalise(text: str) -> str:
     t = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", t)  # moderate-to-severe, stent-valve
     t = re.sub(r"mm\s*hg", "mmhg", t)
     t = re.sub(r"tricuspid aortic valve", "trileaflet aortic valve", t)  # morphology, not the tricuspid valve
+    t = re.sub(r"between (\d+(?:\.\d+)?)\s*%? and (\d)", r"\1 to \2", t)  # "between 50 and 55%" is a range
     return re.sub(r"\s+", " ", t).strip()
+
+
+# words after which a capitalised word is not a new sentence ("mild to Moderate", "by Simpson's")
+_RUN_ON_KEEPERS = {"a", "an", "the", "to", "of", "and", "or", "nor", "with", "without", "by", "than", "is", "are",
+                   "was", "were", "be", "at", "in", "on", "from", "for", "as", "into", "per", "via", "post", "no", "not",
+                   "very", "mm"}
+
+
+def _split_run_ons(line: str) -> str:
+    """Put a full stop where a phrase without one runs into the next: 'No tricuspid stenosis There is ...'.
+
+    Report phrases are often joined without punctuation; the tell is a capitalised word after an all
+    lower-case one that is not a function word."""
+    words = line.split(" ")
+    for i in range(len(words) - 1):
+        w, nxt = words[i], words[i + 1]
+        if (re.match(r"[A-Z][a-z]", nxt) and w and w == w.lower() and w[-1].isalnum()
+                and w.lower() not in _RUN_ON_KEEPERS):
+            words[i] = w + "."
+    return " ".join(words)
 
 
 def sentences(text: str) -> list[tuple[str | None, str]]:
@@ -315,7 +351,7 @@ def sentences(text: str) -> list[tuple[str | None, str]]:
             lines.append((section, line))
     out = []
     for section, line in lines:
-        out += [(section, s.strip()) for s in _SENTENCE_END_RE.split(normalise(line)) if s.strip()]
+        out += [(section, s.strip()) for s in _SENTENCE_END_RE.split(normalise(_split_run_ons(line))) if s.strip()]
     return out
 
 # ------------------------------------------------------------------ our rules
