@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.linear_model import Ridge
 from sklearn.metrics import roc_auc_score
 
 from echovlm import synthetic
@@ -133,7 +133,7 @@ def test_labels_agree_with_the_clinical_evaluator(studies):
 
 
 def probe_r2(x, y, n_train):
-    model = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(x[:n_train], y[:n_train])
+    model = Ridge(alpha=1.0).fit(x[:n_train], y[:n_train])
     return model.score(x[n_train:], y[n_train:])
 
 
@@ -142,13 +142,14 @@ def test_embedding_carries_the_state_not_the_wording(studies):
     assert x.dtype == np.float32 and x.shape == (1000, 512)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
     assert probe_r2(x, ef, 700) > 0.5
+    # linear probes for 0/1 targets too (ridge scores ranked by AUROC: as good a probe, and fast)
     positives = np.array([lab["aortic_stenosis"] for lab in studies.labels])
-    clf = LogisticRegression(max_iter=2000).fit(x[:700], positives[:700])
-    assert roc_auc_score(positives[700:], clf.decision_function(x[700:])) > 0.7
+    probe = Ridge(alpha=1.0).fit(x[:700], positives[:700])
+    assert roc_auc_score(positives[700:], probe.predict(x[700:])) > 0.7
     # which of the four EF phrasings a report uses is drawn independently of the state: invisible in the embedding
     style = np.array([("LVEF" in r.split("\n")[0]) for r in studies.reports])
-    clf = LogisticRegression(max_iter=2000).fit(x[:700], style[:700])
-    assert roc_auc_score(style[700:], clf.decision_function(x[700:])) < 0.62
+    probe = Ridge(alpha=1.0).fit(x[:700], style[:700])
+    assert roc_auc_score(style[700:], probe.predict(x[700:])) < 0.62
 
 
 def test_signal_zero_is_pure_noise():
