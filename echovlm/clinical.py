@@ -86,10 +86,7 @@ STRUCTURES = {
     "other": r"pleural|\blvot\b|outflow tract|subaortic|subvalvular|supravalvular|coronary|septal defect|"
              r"(?:ascending|descending|abdominal|thoracic) aorta|aortic arch|sinotubular",
 }
-SECTION_STRUCTURE = {s.lower(): s.lower() for s in SECTIONS if s.lower() in STRUCTURES}
-SECTION_STRUCTURE.update({"resting segmental wall motion analysis": "left ventricle", "aortic valve": "aortic valve",
-                          "mitral valve": "mitral valve", "tricuspid valve": "tricuspid valve",
-                          "pulmonic valve": "pulmonic valve"})
+SECTION_STRUCTURE = {s.lower(): s.lower() for s in SECTIONS} | {"resting segmental wall motion analysis": "left ventricle"}
 VALVES = ("aortic valve", "mitral valve", "tricuspid valve", "pulmonic valve", "other")
 ALL_STRUCTURES = tuple(STRUCTURES)
 
@@ -106,8 +103,7 @@ SEVERITY_RE = re.compile("|".join(rf"(?<![\w+])(?P<{level}{i}>{p})(?!\w)" for i,
 # "cannot rule out X" and "X cannot be excluded" leave X unsettled, so they do not count either
 NEGATION_RE = re.compile(r"\b(?:no|not|without|absent|negative for|absence of|free of|rule out|ruled out|"
                          r"exclude|excluded|neither|nor|never)\b")
-PSEUDO_NEGATION_RE = re.compile(r"\bno (?:significant |interval )*change|\bnot (?:significantly )?changed|"
-                                r"\bnot (?:well )?(?:seen|visuali[sz]ed) (?:well )?(?=but)")
+PSEUDO_NEGATION_RE = re.compile(r"\bno (?:significant |interval )*change|\bnot (?:significantly )?changed")
 NEGATED_AFTER_RE = re.compile(r"\s*(?:is |are |was |were |has been |have been |cannot be |can not be |could not be )?"
                               r"(?:not (?:seen|visuali[sz]ed|"
                               r"present|identified|demonstrated|detected|appreciated|noted|observed)|absent|"
@@ -121,10 +117,6 @@ SEV = "|".join(p for p, _ in SEVERITY)
 SEVERITY_AFTER_COMMA_RE = re.compile(rf",\s*(?:which |that )?(?:(?:is|are|was|appears?|seems?) )?(?:to be )?"
                                      rf"(?P<s>{SEV})(?: in (?:size|severity|degree))?\s*(?:,|$)")
 SEVERITY_BEFORE_COMMA_RE = re.compile(rf"(?<![\w+])(?P<s>{SEV})\s*$")
-
-
-def _either(*alternatives: str) -> str:
-    return "|".join(alternatives)
 
 
 # up to three words between a structure and its state: "the left atrium is at least moderately dilated"
@@ -150,7 +142,7 @@ REGURGITATION = r"regurgitation|insufficiency|regurgitant jet"
 
 def valve(name: str, nouns: str, adjective: str) -> tuple[str, ...]:
     """A valve finding, also inside a list of valves: 'moderate mitral and tricuspid regurgitation'."""
-    others = _either(*(w for v, w in VALVE_WORDS.items() if v != name))
+    others = "|".join(w for v, w in VALVE_WORDS.items() if v != name)
     joint = r"(?:,? and|,|,? or)"
     subject = (rf"\b(?:(?:{others})(?: valve)?{joint} )*(?:{VALVE_WORDS[name]})(?: valve)?"
                rf"(?:{joint} (?:{others})(?: valve)?)*")
@@ -280,20 +272,20 @@ class Value:
     unit: str
     low: float
     high: float
-    unit_optional_after: str = ""  # a key followed directly by a number may omit the unit ("fraction of 35.")
+    unit_optional: bool = False  # a number right after the key, ending the sentence, may omit it ("fraction of 35.")
 
 
 VALUES = {
     "ejection_fraction": Value(
         keys=(r"(?<!rv )(?<!right ventricular )\b(?:lvef|lv ef|ef|(?:lv |left ventricular )?ejection fraction)\b",),
-        unit=r"%|percent", low=0, high=100, unit_optional_after=r"[^\d%]{0,40}?"),
+        unit=r"%|percent", low=0, high=100, unit_optional=True),
     "pulmonary_artery_pressure_continuous": Value(
         keys=(r"(?<!mean )\b(?:pulmonary arter(?:y|ial)|pa) (?:peak )?(?:systolic )?pressure|\bpasp\b|\bspap\b|"
               r"\bpa systolic\b",
               r"\brvsp\b|(?:right ventricular|rv) systolic pressure"),
         # "40 + CVP mmHg": the stated number, as EchoPrime's own rules read it
         unit=r"(?:(?:\+|plus)\s*(?:cvp|rap|(?:the )?(?:ra|right atrial) pressure)\s*)?mmhg", low=0, high=200,
-        unit_optional_after=r"[^\d%]{0,40}?"),
+        unit_optional=True),
 }
 # the words a key's number may not be separated from it by: they start another measurement
 _GAP = r"(?:(?!pressure|gradient|velocity|shortening|strain|collaps|\bef\b|fraction)[^;%]){0,80}?"
@@ -322,13 +314,13 @@ _RUN_ON_KEEPERS = {"a", "an", "the", "to", "of", "and", "or", "nor", "with", "wi
 def _split_run_ons(line: str) -> str:
     """Put a full stop where a phrase without one runs into the next: 'No tricuspid stenosis There is ...'.
 
-    Report phrases are often joined without punctuation; the tell is a capitalised word after an all
-    lower-case one that is not a function word."""
+    Report phrases are often joined without punctuation; the tell is a capitalised word after a word that
+    is not capitalised itself (a name, "Simpson's Biplane") and is not a function word ("mild to Moderate")."""
     words = line.split(" ")
     for i in range(len(words) - 1):
         w, nxt = words[i], words[i + 1]
-        if (re.match(r"[A-Z][a-z]", nxt) and w and w == w.lower() and w[-1].isalnum()
-                and w.lower() not in _RUN_ON_KEEPERS):
+        if (re.match(r"[A-Z][a-z]", nxt) and w and not w[0].isupper() and (w[-1].isalnum() or w[-1] in "%)")
+                and w not in _RUN_ON_KEEPERS):
             words[i] = w + "."
     return " ".join(words)
 
@@ -431,8 +423,8 @@ def _value_patterns(v: Value) -> list[list[re.Pattern]]:
     groups = []
     for key in v.keys:
         forms = [re.compile(rf"(?:{key}){_GAP}{NUMBER}\s*(?:{v.unit})")]
-        if v.unit_optional_after:
-            forms.append(re.compile(rf"(?:{key}){v.unit_optional_after}{NUMBER}(?=\s*(?:$|[,(]))"))
+        if v.unit_optional:
+            forms.append(re.compile(rf"(?:{key})[^\d%]{{0,40}}?{NUMBER}(?=\s*(?:$|[,(]))"))
         groups.append(forms)
     return groups
 

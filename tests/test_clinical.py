@@ -279,6 +279,7 @@ CASES = [
     ("Mitral Valve: Normal leaflets Mild to Moderate mitral regurgitation", {}),
     ("Aortic Valve: Trileaflet aortic valve No aortic regurgitation Severe aortic stenosis", {"aortic_stenosis": 1}),
     ("Left Ventricle: LV ejection fraction is 60 Normal wall thickness", {EF: 60.0}),
+    ("Mitral Valve: No stenosis (mean gradient 2 mmHg) Moderate regurgitation", {"mitral_regurgitation": 1}),
     # further wordings
     ("Estimated PA pressure is 40 + CVP mmHg.", {PASP: 40.0}),
     ("Estimated peak RVSP is 45", {PASP: 45.0}),
