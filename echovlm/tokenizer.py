@@ -1,0 +1,177 @@
+"""Byte-level BPE tokenizer for reports: trained by our Rust `rustbpe`, run by tiktoken.
+
+rustbpe learns the merges (fast, parallel); tiktoken encodes and decodes with them (fast, multi-threaded
+batches). Both pre-split text with the same GPT-4 style regex, numbers in groups of at most 2 digits.
+Ids: 0..255 are the single bytes, then one id per merge in the order learned, then the special tokens
+<|bos|>, <|eos|>, <|pad|>. Ordinary encoding never produces a special token: a report that contains the
+text "<|eos|>" is encoded as the bytes of that text.
+
+On disk (a directory, no pickle):
+    tokenizer.tiktoken  one "<base64 token bytes> <rank>" line per ordinary token (tiktoken's own format)
+    tokenizer.json      format marker and version, split pattern, special token ids, sha256 of the ranks file
+"""
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import rustbpe
+import tiktoken
+
+from echovlm.common import atomic_write_json, atomic_write_text
+
+SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
+FORMAT = "echovlm-tokenizer"
+FORMAT_VERSION = 1
+RANKS_FILE = "tokenizer.tiktoken"
+CONFIG_FILE = "tokenizer.json"
+
+
+def read_corpus(path: str | os.PathLike) -> list[str]:
+    """Documents of a .txt (one per line, blank lines skipped) or .jsonl ("report" or "text" field) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".txt":
+        docs = [line for line in lines if line.strip()]
+    elif path.suffix == ".jsonl":
+        docs = []
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lineno} is not JSON ({e})") from None
+            text = obj.get("report", obj.get("text")) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f'{path} line {lineno} has no string "report" or "text" field')
+            docs.append(text)
+    else:
+        raise ValueError(f"{path}: expected a .txt (one document per line) or .jsonl file")
+    if not docs:
+        raise ValueError(f"{path} holds no documents")
+    return docs
+
+
+class Tokenizer:
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str):
+        n = len(mergeable_ranks)
+        if sorted(mergeable_ranks.values()) != list(range(n)):
+            raise ValueError("token ranks must be exactly 0..n-1, each used once")
+        if any(bytes([b]) not in mergeable_ranks for b in range(256)):
+            raise ValueError("every single byte must be a token, or some text could not be encoded")
+        self.pattern = pattern
+        self.mergeable_ranks = mergeable_ranks
+        self.special_ids = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self._enc = tiktoken.Encoding(name="echovlm", pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                      special_tokens=self.special_ids)
+
+    # ------------------------------------------------------------------------------------------ training
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, pattern: str | None = None) -> "Tokenizer":
+        """Learn merges on `texts` so the vocabulary, special tokens included, has `vocab_size` tokens
+        (fewer, with a RuntimeWarning from rustbpe, when the corpus runs out of pairs to merge)."""
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} "
+                             f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(iter(texts), vocab_size - len(SPECIAL_TOKENS), pattern=pattern)
+        pairs = bpe.get_mergeable_ranks()
+        ranks = {bytes(b): r for b, r in pairs}
+        if len(ranks) != len(pairs):
+            raise RuntimeError("rustbpe produced two tokens with the same bytes; please report this corpus")
+        return cls(ranks, bpe.get_pattern())
+
+    # ------------------------------------------------------------------------------------------ encoding
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Iterable[str], num_threads: int | None = None) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads or os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens are dropped, a cut-off multi-byte character becomes U+FFFD."""
+        ordinary = [i for i in map(int, ids) if i < len(self.mergeable_ranks)]
+        return self._enc.decode(ordinary)
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids["<|bos|>"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids["<|eos|>"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_ids["<|pad|>"]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.mergeable_ranks) + len(self.special_ids)
+
+    def token_bytes(self) -> np.ndarray:
+        """Bytes per token id, 0 for the special tokens: loss / bytes gives bits per byte, a number
+        comparable across vocabularies."""
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for b, r in self.mergeable_ranks.items():
+            out[r] = len(b)
+        return out
+
+    # ------------------------------------------------------------------------------------------ on disk
+    def save(self, directory: str | os.PathLike, overwrite: bool = False):
+        directory = Path(directory)
+        if (directory / CONFIG_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{directory} already holds a tokenizer; pass overwrite=True to replace it")
+        by_rank = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        ranks_text = "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in by_rank)
+        atomic_write_text(directory / RANKS_FILE, ranks_text)
+        atomic_write_json(directory / CONFIG_FILE, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "pattern": self.pattern,
+            "special_tokens": self.special_ids, "vocab_size": self.vocab_size,
+            "ranks_sha256": hashlib.sha256(ranks_text.encode()).hexdigest(),
+        })
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        directory = Path(directory)
+        retrain = f"train one with `python -m scripts.tok_train` (it writes {CONFIG_FILE} and {RANKS_FILE})"
+        config_path, ranks_path = directory / CONFIG_FILE, directory / RANKS_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no tokenizer in {directory}: {CONFIG_FILE} is missing; {retrain}")
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_path} is not valid JSON ({e}); {retrain}") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise ValueError(f"{config_path} was not written by echovlm (no \"format\": \"{FORMAT}\"); {retrain}")
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory} holds tokenizer format {config.get('format_version')!r}, this code "
+                             f"reads format {FORMAT_VERSION}; {retrain}")
+        if not ranks_path.is_file():
+            raise FileNotFoundError(f"{ranks_path} is missing; {retrain}")
+        raw = ranks_path.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != config.get("ranks_sha256"):
+            raise ValueError(f"{ranks_path} does not match the checksum in {CONFIG_FILE} (edited or truncated); "
+                             f"{retrain}")
+        ranks = {}
+        for lineno, line in enumerate(raw.decode().splitlines(), 1):
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise ValueError(f"{ranks_path} line {lineno} is not '<base64> <rank>': {line[:80]!r}; "
+                                 f"{retrain}") from None
+        tok = cls(ranks, config["pattern"])
+        if tok.special_ids != config.get("special_tokens") or tok.vocab_size != config.get("vocab_size"):
+            raise ValueError(f"{config_path} disagrees with {RANKS_FILE} about the vocabulary; {retrain}")
+        return tok
+
+    def __repr__(self):
+        return f"Tokenizer(vocab_size={self.vocab_size})"
