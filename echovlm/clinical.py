@@ -299,6 +299,7 @@ _SENTENCE_END_RE = re.compile(r"[;!?]|\.(?!\d)")
 def normalise(text: str) -> str:
     t = text.lower().replace("\u2013", "-").replace("\u2014", "-").replace("`", "'").replace("\u2019", "'")
     t = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", t)  # moderate-to-severe, stent-valve
+    t = re.sub(r"(?<=[a-z])/(?=mild|moderate|severe|small|large)", " to ", t)  # mild/moderate
     t = re.sub(r"mm\s*hg", "mmhg", t)
     t = re.sub(r"tricuspid aortic valve", "trileaflet aortic valve", t)  # morphology, not the tricuspid valve
     t = re.sub(r"between (\d+(?:\.\d+)?)\s*%? and (\d)", r"\1 to \2", t)  # "between 50 and 55%" is a range
@@ -645,8 +646,10 @@ def score_traits(reference, predicted, score=None, n_boot: int = 1000, seed: int
     Returns (DataFrame with one row per trait, summary dict).
     """
     ref, pred = label_arrays(reference), label_arrays(predicted)
-    sc = label_arrays(score) if score is not None else pred
-    n = len(next(iter(ref.values())))
+    n = len(ref[BINARY_TRAITS[0]])
+    sc = pred
+    if score is not None:  # a trait the score leaves out (no values at all) is ranked by its hard labels
+        sc = {t: a if np.isfinite(a).any() else pred[t] for t, a in label_arrays(score, n).items()}
     if any(len(a[t]) != n for a in (pred, sc) for t in TRAITS):
         raise ValueError(f"score_traits: reference has {n} studies but the predictions have a different number")
     rows = []
@@ -655,6 +658,8 @@ def score_traits(reference, predicted, score=None, n_boot: int = 1000, seed: int
         if kind == "binary":
             keep = ~np.isnan(ref[trait])
             y = ref[trait][keep]
+            if not np.isin(y, (0, 1)).all():
+                raise ValueError(f"score_traits: reference labels of {trait} must be 0, 1 or None, got {sorted(set(y))[:5]}")
             row.update(n=int(keep.sum()), positives=int(y.sum()), negatives=int((1 - y).sum()), dropped=int((~keep).sum()))
             auroc = binary_auroc(y, np.nan_to_num(sc[trait][keep]), n_boot, seed)
             hard = binary_auroc(y, np.nan_to_num(pred[trait][keep]), n_boot, seed)

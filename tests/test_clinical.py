@@ -328,6 +328,32 @@ def test_extract_labels(text, stated):
     assert not wrong, f"{text!r}: (got, expected) {wrong}"
 
 
+HIGH = ["moderate", "moderately severe", "moderate to severe", "moderate-to-severe", "moderate/severe", "at least moderate",
+        "severe", "very severe", "critical", "massive", "marked", "torrential", "huge", "large", "3+", "4+"]
+LOW = ["mild", "mild to moderate", "mild-moderate", "small", "small to moderate", "trace", "trivial", "minimal", "tiny",
+       "physiologic", "borderline", "slight", "trace to mild", "trace/mild", "mild/moderate", "1+", "2+"]
+
+
+@pytest.mark.parametrize("word", HIGH + LOW)
+def test_every_severity_word(word):
+    assert extract_labels(f"There is {word} mitral regurgitation.")["mitral_regurgitation"] == (word in HIGH)
+
+
+@pytest.mark.parametrize("adverb,positive", [("moderately", 1), ("severely", 1), ("markedly", 1), ("massively", 1),
+                                             ("moderately to severely", 1), ("mildly", 0), ("minimally", 0),
+                                             ("slightly", 0), ("mildly to moderately", 0), ("not", 0)])
+def test_every_severity_adverb(adverb, positive):
+    assert extract_labels(f"The right atrium is {adverb} dilated.")["right_atrium_dilation"] == positive
+
+
+def test_rules_can_be_varied():
+    from echovlm.clinical import FINDINGS, RULES, VALUES, Finding, Rules
+    variant = Rules({**FINDINGS, "impella": Finding(words="pump", present=(r"\bassist pump\b",))}, VALUES)
+    text = "An assist pump is seen in the left ventricle."
+    assert extract_labels(text)["impella"] == 0 and extract_labels(text, rules=variant)["impella"] == 1
+    assert RULES.findings is FINDINGS
+
+
 def test_labels_do_not_depend_on_case_or_spacing():
     text = "Aortic Valve: Moderate aortic stenosis. LVEF 45%."
     assert extract_labels(text) == extract_labels(text.upper().replace(" ", "   ")) == extract_labels(text.lower())
@@ -482,11 +508,16 @@ def test_score_traits_table_and_summary():
     table, summary = score_traits(reference, predicted, score=score, n_boot=50)
     assert table.set_index("trait").loc["aortic_stenosis", "auroc"] == 1.0
     assert summary["core_metric"] > summary["core_metric_hard"]
+    # traits the score leaves out fall back to the hard labels, not to a constant 0
+    table = score_traits(reference, predicted, score={"mitral_regurgitation": [0.5] * 20}, n_boot=20)[0]
+    assert table.set_index("trait").loc["aortic_stenosis", "auroc"] == pytest.approx(0.95)
 
 
-def test_score_traits_rejects_mismatched_lengths():
-    with pytest.raises(ValueError):
+def test_score_traits_rejects_bad_input():
+    with pytest.raises(ValueError, match="different number"):
         score_traits([extract_labels("LVEF 50%")] * 3, [extract_labels("LVEF 50%")] * 2, n_boot=10)
+    with pytest.raises(ValueError, match="0, 1 or None"):
+        score_traits({"aortic_stenosis": [0, 2, 1]}, {"aortic_stenosis": [0, 1, 1]}, n_boot=10)
 
 
 def test_label_arrays_accepts_dicts_of_arrays():
