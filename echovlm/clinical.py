@@ -107,7 +107,7 @@ PSEUDO_NEGATION_RE = re.compile(r"\bno (?:significant |interval )*change|\bnot (
 NEGATED_AFTER_RE = re.compile(r"\s*(?:is |are |was |were |has been |have been |cannot be |can not be |could not be )?"
                               r"(?:not (?:seen|visuali[sz]ed|"
                               r"present|identified|demonstrated|detected|appreciated|noted|observed)|absent|"
-                              r"ruled out|excluded|removed)\b")
+                              r"ruled out|excluded|removed|removal|explanted|extracted)\b")
 BOUNDARY_RE = re.compile(r"[,:;]|\b(?:and|but|with|whereas|although|though|however|while|yet)\b")
 # a severity word qualifies the next finding: one before these words is theirs ("severe TR can lead to RA enlargement")
 FINDING_WORD_RE = re.compile(r"\b(?:regurgitation|insufficiency|stenosis|effusion|dilation|dilatation|enlargement|"
@@ -146,9 +146,13 @@ def valve(name: str, nouns: str, adjective: str) -> tuple[str, ...]:
     joint = r"(?:,? and|,|,? or)"
     subject = (rf"\b(?:(?:{others})(?: valve)?{joint} )*(?:{VALVE_WORDS[name]})(?: valve)?"
                rf"(?:{joint} (?:{others})(?: valve)?)*")
-    abbreviation = {"aortic": r"\b(?:ar|ai)\b", "mitral": r"\bmr\b", "tricuspid": r"\btr\b", "pulmonic": r"\bpr\b"}
-    extra = (abbreviation[name],) if nouns == REGURGITATION else ()
-    return phrases(subject, nouns, adjective) + extra
+    if nouns != REGURGITATION:
+        return phrases(subject, nouns, adjective)
+    # "severe MR and TR"
+    short = {"aortic": r"ar|ai", "mitral": r"mr", "tricuspid": r"tr", "pulmonic": r"pr"}
+    others = "|".join(w for v, w in short.items() if v != name)
+    return phrases(subject, nouns, adjective) + (
+        rf"\b(?:(?:{others}){joint} )*(?:{short[name]})(?:{joint} (?:{others}))*\b",)
 
 
 DILATED = r"dilated|enlarged"
@@ -246,10 +250,10 @@ FINDINGS = {
                                     graded=(r"pericardial effusion", r"effusion (?:in|within) the pericardi"),
                                     present=(r"tamponade",), bare=r"\beffusion\b", about=("pericardium",)),
     "rv_systolic_function_depressed": Finding(
-        words=rf"{DEPRESSED}|dysfunction|mcconnell",
+        words=rf"{DEPRESSED}|dysfunction|hypokine|mcconnell",
         graded=phrases(RV_FUNCTION, adjectives=DEPRESSED)
-        + (rf"(?:{RV}) (?:has|shows|with|demonstrates){_FILLER} (?:{DEPRESSED}) (?:global )?systolic function",
-           r"(?:rv|right ventricular) (?:systolic )?dysfunction"),
+        + phrases(RV, nouns=r"(?:free wall )?hypokinesis|(?:systolic )?dysfunction", adjectives=r"hypokinetic")
+        + (rf"(?:{RV}) (?:has|shows|with|demonstrates){_FILLER} (?:{DEPRESSED}) (?:global )?systolic function",),
         present=(r"mcconnell'?s? sign",),
         bare=rf"\b(?:{DEPRESSED}) (?:global )?systolic function|systolic function (?:is )?(?:\w+ ){{0,3}}?(?:{DEPRESSED})",
         about=("right ventricle",)),
@@ -326,6 +330,16 @@ def _split_run_ons(line: str) -> str:
     return " ".join(words)
 
 
+_STENOSIS_ABBREVIATIONS = {"AS": "aortic stenosis", "MS": "mitral stenosis", "TS": "tricuspid stenosis"}
+
+
+def _expand_abbreviations(line: str) -> str:
+    """AS / MS / TS in capitals are stenoses; not in an all-capitals line, where AS is the word 'as'."""
+    if line.upper() == line:
+        return line
+    return re.sub(r"\b(AS|MS|TS)\b", lambda m: _STENOSIS_ABBREVIATIONS[m.group()], line)
+
+
 def sentences(text: str) -> list[tuple[str | None, str]]:
     """(section or None, normalised sentence) pairs in report order."""
     lines: list[tuple[str | None, str]] = []
@@ -344,7 +358,7 @@ def sentences(text: str) -> list[tuple[str | None, str]]:
             lines.append((section, line))
     out = []
     for section, line in lines:
-        out += [(section, s.strip()) for s in _SENTENCE_END_RE.split(normalise(_split_run_ons(line))) if s.strip()]
+        out += [(section, s.strip()) for s in _SENTENCE_END_RE.split(normalise(_split_run_ons(_expand_abbreviations(line)))) if s.strip()]
     return out
 
 # ------------------------------------------------------------------ our rules
@@ -381,7 +395,7 @@ def _affirmed(sentence: str, start: int, end: int, graded: bool) -> bool:
     return level == "high"
 
 
-SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(cm|mm)\b")
+SIZE_RE = re.compile(r"(?<![<\d.])(?<!< )(?<!less than )(\d+(?:\.\d+)?)\s*(cm|mm)\b")  # "< 2.1 cm" is no size
 
 
 class _Compiled:
