@@ -2,7 +2,8 @@
 
 A clip is what the EchoPrime video encoder was trained on, a (3, 16, 224, 224) float32 tensor:
 
-  1. decode all frames as uint8 RGB (F, H, W, 3); grayscale is repeated to 3 channels
+  1. decode the frames as uint8 RGB (F, H, W, 3): all of them where the mask needs them, else the first 32;
+     grayscale (MONOCHROME1/2) is repeated to 3 channels, palette colour looked up, YBR converted
   2. DICOM only: blank everything outside the ultrasound sector (see `sector_mask`)
   3. per frame: centre-crop to a square, cut 10% of that square from each side, resize to 224x224 with
      cv2.INTER_CUBIC on uint8 pixels (EchoPrime's `crop_and_scale`, in that order)
@@ -13,8 +14,8 @@ A clip is what the EchoPrime video encoder was trained on, a (3, 16, 224, 224) f
 Decisions worth knowing when you compare with EchoPrime's own code:
 
 * Channel order is RGB for every input type. EchoPrime's MP4 path gives RGB; its DICOM path runs
-  cv2.COLOR_YUV2BGR on the decoded pixels and so gives BGR (and, with pydicom >= 3, which already converts
-  YBR to RGB, converts the colours twice). Echo is almost all grey, where the order cannot matter, and the
+  cv2.COLOR_YUV2BGR on the decoded pixels and so gives BGR (with pydicom >= 3, whose pixel_array already
+  returns RGB, that conversion even lands on RGB values). Echo is almost all grey, where the order cannot matter, and the
   normalisation constants of channels 0 and 2 agree to 0.02 grey levels, so one order everywhere is the
   safe choice; only colour Doppler pixels would differ.
 * The sector mask is our own: pixels whose grey level varies over time are the live image; static text,
@@ -25,7 +26,8 @@ Decisions worth knowing when you compare with EchoPrime's own code:
   same sector. Like EchoPrime, AVI/MP4 files are not masked by default: such exports are usually already
   cropped to the sector (pass mask=True to mask them too).
 * The view classifier sees the first frame of the *normalised* clip, exactly as EchoPrime feeds it.
-* On CUDA the models run under bf16 autocast, so embeddings differ from fp32 ones in the third digit.
+* On CUDA the models run under bf16 autocast (about 3 significant digits), so embeddings differ slightly
+  from EchoPrime's fp32 ones; on CPU they run in fp32.
 
 Weights come from the EchoPrime v1.0.0 release (model_data.zip, unpacked by `python -m scripts.fetch_echoprime`):
 model_data/weights/echo_prime_encoder.pt and model_data/weights/view_classifier.pt. They are never part of
@@ -40,7 +42,6 @@ import cv2
 import numpy as np
 import pydicom
 import torch
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut
 from torchvision.models import convnext_base
 from torchvision.models.video import mvit_v2_s
@@ -118,23 +119,28 @@ def read_dicom(path) -> np.ndarray:
     """A multi-frame ultrasound DICOM as uint8 RGB frames (F, H, W, 3)."""
     try:
         ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as e:
+    except Exception as e:  # malformed files raise anything from InvalidDicomError to struct.error
         raise VideoError(f"not a readable DICOM file ({type(e).__name__}: {e})") from e
     if "PixelData" not in ds:
-        raise NotAVideo(f"no pixel data (a {ds.get('Modality', 'non-image')} object such as a structured report), not a video")
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        raise NotAVideo("no pixel data (a structured report or another non-image object), not a video")
+    try:
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        raise VideoError(f"malformed NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
     if n_frames < 2:
         raise NotAVideo("a single frame (still image), not a video")
+    photometric = ds.get("PhotometricInterpretation")
+    if photometric is None:
+        raise VideoError("no PhotometricInterpretation: cannot tell how the pixels are coloured")
     try:
         # pydicom >= 3 converts YBR_FULL / YBR_FULL_422 to RGB here (as_rgb=True by default)
         arr = ds.pixel_array
+        if photometric == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
     except Exception as e:  # every decoder raises its own types; the file is unusable whichever it is
         raise VideoError(f"pixel data could not be decoded ({type(e).__name__}: {e})") from e
-    photometric = ds.PhotometricInterpretation
-    if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-        if arr.dtype != np.uint8:  # 16-bit palette entries
-            arr = (arr >> 8).astype(np.uint8)
+    if photometric == "PALETTE COLOR" and arr.dtype != np.uint8:  # 16-bit palette entries
+        arr = (arr >> 8).astype(np.uint8)
     arr = _to_uint8(arr, int(ds.get("BitsStored", 8)))
     if photometric == "MONOCHROME1":  # 0 is white in this convention
         arr = 255 - arr

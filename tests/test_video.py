@@ -137,6 +137,12 @@ def test_pydicom_ultrasound_example_preprocesses():
     assert torch.equal(clip[:, :15, :15, :15], BLANK.view(3, 1, 1, 1).expand(3, 15, 15, 15))
 
 
+def test_palette_colour_dicom():
+    clip = video.load_clip(pydicom.data.get_testdata_file("OBXXXX1A_2frame.dcm"))  # real 2-frame ultrasound
+    assert clip.shape == (3, 16, 224, 224) and torch.isfinite(clip).all()
+    assert unnormalise(clip[:, :1]).std() > 5 and (clip[:, 1:] == 0).all()  # frame 2 does not exist: padding
+
+
 @pytest.mark.parametrize("kind", ["RGB", "YBR_FULL", "RGB-jpeg", "avi", "mp4"])
 def test_channel_order_is_rgb(tmp_path, kind):
     path = write_any(tmp_path, kind, echo_frames(n=12, channels=(1.0, 0.0, 0.0), ecg=False))
