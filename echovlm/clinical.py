@@ -298,16 +298,24 @@ _GAP = r"(?:(?!pressure|gradient|velocity|shortening|strain|collaps|\bef\b|fract
 
 _HEADER_RE = re.compile(r"^(" + "|".join(re.escape(s) for s in SECTIONS) + r")\s*:\s*", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"[;!?]|\.(?!\d)")
+_SEP_RE = re.compile(r"\[sep\]", re.IGNORECASE)
+
+
+_NORMALISE = [(re.compile(p), r) for p, r in [
+    (r"(?<=[a-z])-(?=[a-z])", " "),  # moderate-to-severe, stent-valve
+    (r"(?<=[a-z])/(?=mild|moderate|severe|small|large)", " to "),  # mild/moderate
+    (r"mm\s*hg", "mmhg"),
+    (r"tricuspid aortic valve", "trileaflet aortic valve"),  # morphology, not the tricuspid valve
+    (r"between (\d+(?:\.\d+)?)\s*%? and (\d)", r"\1 to \2"),  # "between 50 and 55%" is a range
+    (r"\s+", " "),
+]]
 
 
 def normalise(text: str) -> str:
     t = text.lower().replace("\u2013", "-").replace("\u2014", "-").replace("`", "'").replace("\u2019", "'")
-    t = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", t)  # moderate-to-severe, stent-valve
-    t = re.sub(r"(?<=[a-z])/(?=mild|moderate|severe|small|large)", " to ", t)  # mild/moderate
-    t = re.sub(r"mm\s*hg", "mmhg", t)
-    t = re.sub(r"tricuspid aortic valve", "trileaflet aortic valve", t)  # morphology, not the tricuspid valve
-    t = re.sub(r"between (\d+(?:\.\d+)?)\s*%? and (\d)", r"\1 to \2", t)  # "between 50 and 55%" is a range
-    return re.sub(r"\s+", " ", t).strip()
+    for pattern, replacement in _NORMALISE:
+        t = pattern.sub(replacement, t)
+    return t.strip()
 
 
 # words after which a capitalised word is not a new sentence ("mild to Moderate", "by Simpson's")
@@ -316,35 +324,38 @@ _RUN_ON_KEEPERS = {"a", "an", "the", "to", "of", "and", "or", "nor", "with", "wi
                    "very", "mm"}
 
 
+_BEFORE_CAPITAL_RE = re.compile(r"(?<!\S)(\S+)(?= [A-Z][a-z])")
+
+
 def _split_run_ons(line: str) -> str:
     """Put a full stop where a phrase without one runs into the next: 'No tricuspid stenosis There is ...'.
 
     Report phrases are often joined without punctuation; the tell is a capitalised word after a word that
     is not capitalised itself (a name, "Simpson's Biplane") and is not a function word ("mild to Moderate")."""
-    words = line.split(" ")
-    for i in range(len(words) - 1):
-        w, nxt = words[i], words[i + 1]
-        if (re.match(r"[A-Z][a-z]", nxt) and w and not w[0].isupper() and (w[-1].isalnum() or w[-1] in "%)")
-                and w not in _RUN_ON_KEEPERS):
-            words[i] = w + "."
-    return " ".join(words)
+    def stop(m):
+        w = m.group(1)
+        ends = not w[0].isupper() and (w[-1].isalnum() or w[-1] in "%)") and w not in _RUN_ON_KEEPERS
+        return w + "." if ends else w
+
+    return _BEFORE_CAPITAL_RE.sub(stop, line)
 
 
 _STENOSIS_ABBREVIATIONS = {"AS": "aortic stenosis", "MS": "mitral stenosis", "TS": "tricuspid stenosis"}
+_STENOSIS_ABBREVIATION_RE = re.compile(r"\b(?:AS|MS|TS)\b")
 
 
 def _expand_abbreviations(line: str) -> str:
     """AS / MS / TS in capitals are stenoses; not in an all-capitals line, where AS is the word 'as'."""
     if line.upper() == line:
         return line
-    return re.sub(r"\b(AS|MS|TS)\b", lambda m: _STENOSIS_ABBREVIATIONS[m.group()], line)
+    return _STENOSIS_ABBREVIATION_RE.sub(lambda m: _STENOSIS_ABBREVIATIONS[m.group()], line)
 
 
 def sentences(text: str) -> list[tuple[str | None, str]]:
     """(section or None, normalised sentence) pairs in report order."""
     lines: list[tuple[str | None, str]] = []
     section = None
-    for raw in re.sub(r"\[sep\]", "\n", text, flags=re.IGNORECASE).splitlines():
+    for raw in _SEP_RE.sub("\n", text).splitlines():
         line = raw.strip()
         if not line:
             continue
@@ -469,10 +480,12 @@ class Rules:
         whole = "\n".join(s for _, s in sents)
         starts = list(itertools.accumulate((len(s) + 1 for _, s in sents), initial=0))
         out = {t: None for t in TRAITS}
+        candidates = {}  # words regex -> sentences it occurs in; several findings share one
         for trait, f in self._findings.items():
             # one search over the whole report picks the few sentences worth a closer look
-            candidates = sorted({bisect.bisect_right(starts, m.start()) - 1 for m in f.words.finditer(whole)})
-            out[trait] = int(any(_stated(f, *sents[i]) for i in candidates))
+            if f.words not in candidates:
+                candidates[f.words] = sorted({bisect.bisect_right(starts, m.start()) - 1 for m in f.words.finditer(whole)})
+            out[trait] = int(any(_stated(f, *sents[i]) for i in candidates[f.words]))
         for trait, (groups, low, high) in self._values.items():
             out[trait] = _value(groups, low, high, sents)
         return out
@@ -510,7 +523,7 @@ class PhraseRules:
         self.ignored, self.source = ignored, source
 
     def labels(self, text: str) -> dict:
-        flat = " " + normalise(re.sub(r"\[sep\]", " ", text, flags=re.IGNORECASE)) + " "
+        flat = " " + normalise(_SEP_RE.sub(" ", text)) + " "
         out = {t: None for t in TRAITS}
         for trait, phrases_ in self.binary.items():
             out[trait] = int(any(p in flat for p in phrases_))
