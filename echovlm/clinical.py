@@ -507,23 +507,28 @@ def extract_labels(text: str, rules=None) -> dict[str, int | float | None]:
 # ------------------------------------------------------------------ EchoPrime's phrase rules
 
 
+def _flat(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
 class PhraseRules:
     """EchoPrime's rules, read from its per_section.json: a binary trait is positive when any of its phrases
     occurs in the report (case-insensitive substring, no negation or severity logic: the phrases carry it,
     e.g. a leading ". " keeps "mild to moderate" out); a regression trait is the number right after the text
-    before "<#>" in one of its phrases, None outside the file's "range". Report and phrases are compared after
-    the same normalisation as our rules (case, whitespace, dashes), and a phrase's surrounding spaces are
-    dropped. Traits the file does not define are None, so they drop out of scoring as unsettled."""
+    before "<#>" in one of its phrases, None outside the file's "range". As in EchoPrime, report and phrases
+    are compared in lower case; in addition runs of whitespace (our line breaks between sections included)
+    count as one space, and a phrase's surrounding spaces are dropped so that it also matches at the end of
+    a report. Traits the file does not define are None, so they drop out of scoring as unsettled."""
 
     def __init__(self, binary: dict[str, list[str]], regression: dict[str, tuple[list[str], float, float]],
                  ignored: list[str], source: str):
-        self.binary = {t: [normalise(p) for p in ps] for t, ps in binary.items()}
-        self.regression = {t: ([re.compile(re.escape(normalise(p.split("<#>")[0])) + r"\s*(\d{1,3}(?:\.\d{1,2})?)")
+        self.binary = {t: [_flat(p) for p in ps] for t, ps in binary.items()}
+        self.regression = {t: ([re.compile(re.escape(_flat(p.split("<#>")[0])) + r"\s*(\d{1,3}(?:\.\d{1,2})?)")
                                 for p in ps], low, high) for t, (ps, low, high) in regression.items()}
         self.ignored, self.source = ignored, source
 
     def labels(self, text: str) -> dict:
-        flat = " " + normalise(_SEP_RE.sub(" ", text)) + " "
+        flat = " " + _flat(_SEP_RE.sub(" ", text)) + " "
         out = {t: None for t in TRAITS}
         for trait, phrases_ in self.binary.items():
             out[trait] = int(any(p in flat for p in phrases_))
