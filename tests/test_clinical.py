@@ -319,7 +319,6 @@ CASES = [
 ]
 
 
-
 def expected(stated: dict) -> dict:
     return {t: stated.get(t, 0 if kind == "binary" else None) for t, kind in TRAITS.items()}
 
