@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 
 use fancy_regex::Regex as FancyRegex;
 use regex_automata::dfa::{dense, Automaton, StartKind};
-use regex_automata::{Anchored, Input};
+use regex_automata::util::{primitives::StateID, start};
+use regex_automata::Anchored;
 
 type Dfa = dense::DFA<Vec<u32>>;
 
@@ -30,17 +31,23 @@ pub fn default_pattern() -> String {
     gpt4_style_pattern(2)
 }
 
-/// The same pattern without the lookahead and possessive quantifiers. Dropping possessiveness changes
-/// nothing here: each possessive item is followed by something it cannot match itself, so backtracking
-/// into it never yields a match. `\s+(?!\S)|\s+` becomes plain `\s+`, fixed up in `Splitter::next_end`.
-fn lookahead_free(max_digits: u32) -> String {
-    format!(
-        r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|\p{{N}}{{1,{max_digits}}}| ?[^\s\p{{L}}\p{{N}}]+[\r\n]*|\s*[\r\n]|\s+"
-    )
+/// The same pattern as two DFA patterns, tried in order like an alternation: every alternative before
+/// the lookahead, then plain `\s+`, whose matches `Splitter::next_end` shortens as the lookahead would.
+/// The possessive quantifiers are dropped, which changes nothing here: each possessive item is followed
+/// by something it cannot match itself, so backtracking into it never yields a match.
+fn lookahead_free_dfa(max_digits: u32) -> Dfa {
+    let before = format!(
+        r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|\p{{N}}{{1,{max_digits}}}| ?[^\s\p{{L}}\p{{N}}]+[\r\n]*|\s*[\r\n]"
+    );
+    dense::Builder::new()
+        .configure(dense::Config::new().start_kind(StartKind::Anchored))
+        .build_many(&[before.as_str(), r"\s+"])
+        .expect("the lookahead-free GPT-4 style patterns compile")
 }
 
 pub enum Splitter {
-    Dfa(&'static Dfa),
+    /// the DFA and its start state (the patterns look at nothing before the match, so there is one)
+    Dfa(&'static Dfa, StateID),
     Fancy(FancyRegex),
 }
 
@@ -51,13 +58,11 @@ impl Splitter {
         let fancy = FancyRegex::new(pattern).map_err(|e| format!("invalid split pattern: {e}"))?;
         for max_digits in 1..=3 {
             if pattern == gpt4_style_pattern(max_digits) {
-                let dfa = GPT4_STYLE_DFAS[max_digits as usize - 1].get_or_init(|| {
-                    dense::Builder::new()
-                        .configure(dense::Config::new().start_kind(StartKind::Anchored))
-                        .build(&lookahead_free(max_digits))
-                        .expect("the lookahead-free GPT-4 style pattern compiles")
-                });
-                return Ok(Splitter::Dfa(dfa));
+                let dfa = GPT4_STYLE_DFAS[max_digits as usize - 1].get_or_init(|| lookahead_free_dfa(max_digits));
+                let start = dfa
+                    .start_state(&start::Config::new().anchored(Anchored::Yes))
+                    .map_err(|e| e.to_string())?;
+                return Ok(Splitter::Dfa(dfa, start));
             }
         }
         Ok(Splitter::Fancy(fancy))
@@ -72,35 +77,52 @@ impl Splitter {
                     f(m.as_str());
                 }
             }
-            Splitter::Dfa(dfa) => {
-                let mut start = 0;
-                while start < text.len() {
-                    let end = Self::next_end(dfa, text, start);
-                    f(&text[start..end]);
-                    start = end;
+            Splitter::Dfa(dfa, start) => {
+                let mut pos = 0;
+                while pos < text.len() {
+                    let end = Self::next_end(dfa, *start, text, pos);
+                    f(&text[pos..end]);
+                    pos = end;
                 }
             }
         }
         Ok(())
     }
 
-    fn next_end(dfa: &Dfa, text: &str, start: usize) -> usize {
-        let input = Input::new(text).range(start..).anchored(Anchored::Yes);
-        // every character is a letter, number, whitespace or "other", and each has an alternative;
-        // the DFA has no size limits or quit bytes configured, so the search cannot fail either
-        let end = dfa
-            .try_search_fwd(&input)
-            .expect("a fully built DFA search cannot fail")
-            .expect("the pattern matches any character")
-            .offset();
-        let chunk = &text[start..end];
-        // A whitespace-only chunk not ending in a newline can only come from the final `\s+` (a run
-        // holding a newline is taken by `\s*[\r\n]` first). The original `\s+(?!\S)` leaves the last
-        // space of a run for the word after it (" foo"); `\s+` alone applies only to a single space.
-        if end < text.len() && chunk.chars().all(char::is_whitespace) {
-            let mut chars = chunk.chars();
-            let last = chars.next_back().expect("matches are never empty");
-            if last != '\n' && last != '\r' && chars.next().is_some() {
+    /// End of the chunk starting at `pos`: the leftmost-first match, found by walking the DFA until it
+    /// dies (a hand-written loop: the library's search entry point costs more than a short chunk does).
+    fn next_end(dfa: &Dfa, start: StateID, text: &str, pos: usize) -> usize {
+        let bytes = text.as_bytes();
+        let mut state = start;
+        // (end, pattern) of the longest match so far; every character starts some alternative, so the
+        // loop always records one. DFA match states are reported one byte late, hence `end = i`.
+        let mut found = (pos, 0);
+        let mut i = pos;
+        while i < bytes.len() {
+            state = dfa.next_state(state, bytes[i]);
+            if dfa.is_special_state(state) {
+                if dfa.is_match_state(state) {
+                    found = (i, dfa.match_pattern(state, 0).as_usize());
+                } else if dfa.is_dead_state(state) {
+                    break;
+                }
+            }
+            i += 1;
+        }
+        if i == bytes.len() {
+            state = dfa.next_eoi_state(state);
+            if dfa.is_match_state(state) {
+                found = (bytes.len(), dfa.match_pattern(state, 0).as_usize());
+            }
+        }
+        let (end, pattern) = found;
+        assert!(end > pos, "every character starts a match");
+        // `\s+` matched a whole run of spaces. The original `\s+(?!\S)` stops one character short when
+        // more text follows, leaving that last space to the word after it (" foo"); a run of one space
+        // falls through to the original's own `\s+` and stays whole.
+        if pattern == 1 && end < bytes.len() {
+            let last = text[..end].chars().next_back().expect("the match is not empty");
+            if end - last.len_utf8() > pos {
                 return end - last.len_utf8();
             }
         }
@@ -122,7 +144,7 @@ mod tests {
     fn dfa_path_matches_fancy_regex() {
         let pattern = default_pattern();
         let fast = Splitter::new(&pattern).unwrap();
-        assert!(matches!(fast, Splitter::Dfa(_)));
+        assert!(matches!(fast, Splitter::Dfa(..)));
         let slow = Splitter::Fancy(FancyRegex::new(&pattern).unwrap());
         let pieces = [
             "a", "Ab", " ", "  ", "\n", "\r\n", "\t", "\u{a0}", "\u{2003}", "1", "234", "x", "é", "ß",

@@ -108,7 +108,8 @@ pub fn learn_merges(chunk_counts: AHashMap<String, i64>, n_merges: usize) -> Vec
     let mut heap: BinaryHeap<(i64, Reverse<Pair>)> =
         pair_counts.iter().map(|(&pair, &n)| (n, Reverse(pair))).collect();
     let mut merges = Vec::with_capacity(n_merges);
-    let mut delta: AHashMap<Pair, i64> = AHashMap::new();
+    // pairs holding the new token: (count, chunks holding it), gathered in a small map during a merge
+    let mut fresh: AHashMap<Pair, (i64, Vec<u32>)> = AHashMap::new();
     while merges.len() < n_merges {
         let Some((n, Reverse(pair))) = heap.pop() else { break };
         let current = pair_counts.get(&pair).copied().unwrap_or(0);
@@ -124,22 +125,22 @@ pub fn learn_merges(chunk_counts: AHashMap<String, i64>, n_merges: usize) -> Vec
         for wi in pair_words.remove(&pair).unwrap_or_default() {
             let freq = freqs[wi as usize];
             merge_word(&mut words[wi as usize], pair, new_id, |p, d| {
-                *delta.entry(p).or_default() += d * freq;
-                if d > 0 {
-                    let list = pair_words.entry(p).or_default();
-                    if list.last() != Some(&wi) {
+                if p.0 == new_id || p.1 == new_id {
+                    let (count, list) = fresh.entry(p).or_default();
+                    *count += d * freq;
+                    if d > 0 && list.last() != Some(&wi) {
                         list.push(wi);
                     }
+                } else if let Some(count) = pair_counts.get_mut(&p) {
+                    // older pairs only shrink; their heap entries are corrected when popped
+                    *count -= freq;
                 }
             });
         }
-        for (p, d) in delta.drain() {
-            let count = pair_counts.entry(p).or_default();
-            *count += d;
-            let count = *count;
-            if count <= 0 {
-                pair_counts.remove(&p);
-            } else if d > 0 {
+        for (p, (count, list)) in fresh.drain() {
+            if count > 0 {
+                pair_counts.insert(p, count);
+                pair_words.insert(p, list);
                 heap.push((count, Reverse(p)));
             }
         }
