@@ -6,6 +6,8 @@ Ids: 0..255 are the single bytes, then one id per merge in the order learned, th
 <|bos|>, <|eos|>, <|pad|>. Ordinary encoding never produces a special token: a report that contains the
 text "<|eos|>" is encoded as the bytes of that text.
 
+`read_corpus` reads a plain corpus file (.txt, one document per line, or .jsonl) for the scripts.
+
 On disk (a directory, no pickle):
     tokenizer.tiktoken  one "<base64 token bytes> <rank>" line per ordinary token (tiktoken's own format)
     tokenizer.json      format marker and version, split pattern, special token ids, sha256 of the ranks file
@@ -36,7 +38,12 @@ def read_corpus(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); convert it first") from None
+    # only "\n" ends a line: str.splitlines would also split inside reports at \x0c, \u2028 and the like
+    lines = [line.removesuffix("\r") for line in content.split("\n")]
     if path.suffix == ".txt":
         docs = [line for line in lines if line.strip()]
     elif path.suffix == ".jsonl":

@@ -130,8 +130,10 @@ def main(argv=None):
             raise SystemExit(f"error: {out} already holds a tokenizer made from other reports or settings "
                              f"({', '.join(p.name for p in existing)}); pass --force to replace it, "
                              f"or choose another --out")
-        # the stats file is the completion marker: drop it first so an interrupted re-run is not "up to date"
-        stats_path.unlink(missing_ok=True)
+        # drop the old outputs first: the stats file is the completion marker, so an interrupted re-run is
+        # never taken as up to date, and no token array of the old tokenizer is left behind
+        for p in existing:
+            p.unlink()
 
     n_chars = sum(len(t) for t in texts["train"])
     n_bytes = sum(len(t.encode("utf-8")) for t in texts["train"])

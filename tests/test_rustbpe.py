@@ -119,5 +119,5 @@ def test_bad_arguments_are_clear_errors():
         train(["x"], 100)
     with pytest.raises(ValueError, match="invalid split pattern"):
         train(["x"], 300, pattern="(unclosed")
-    with pytest.raises(ValueError, match="iterator of str"):
+    with pytest.raises(TypeError, match="iterator of str"):
         train([b"bytes"], 300)

@@ -157,9 +157,19 @@ def test_tok_train_dataset_writes_token_arrays(tmp_path, monkeypatch):
     assert stats["splits"]["val"]["reports"] == 7
 
 
-def test_tok_eval_writes_table_sweep_and_plot(tmp_path, capsys):
+def test_tok_eval_writes_table_sweep_and_plot(tmp_path, capsys, monkeypatch):
+    import tiktoken
+
     from scripts import tok_eval, tok_train
 
+    # stand-ins for tiktoken's downloadable encodings: one unreachable, one "cached" (plain bytes)
+    def get_encoding(name):
+        if name == "gpt2":
+            raise ConnectionError("no network")
+        return tiktoken.Encoding(name, pat_str=r"\S+|\s+", mergeable_ranks={bytes([b]): b for b in range(256)},
+                                 special_tokens={})
+
+    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
     corpus, tok_dir = write_jsonl(tmp_path / "r.jsonl", make_reports(120)), tmp_path / "tok"
     tok_train.main(["--input", corpus, "--out", str(tok_dir), "--vocab-size", "330"])
     tok_eval.main(["--input", corpus, "--tokenizer", str(tok_dir), "--out", str(tmp_path / "ev"),
@@ -167,10 +177,12 @@ def test_tok_eval_writes_table_sweep_and_plot(tmp_path, capsys):
     result = json.loads((tmp_path / "ev" / "tok_eval.json").read_text())
     assert (tmp_path / "ev" / "tok_eval.png").stat().st_size > 0
     assert result["held_out_reports"] == 12 and result["ours"]["vocab_size"] == 330
-    assert sorted(list(result["references"]) + result["references_skipped"]) == ["gpt2", "o200k_base"]
+    assert list(result["references"]) == ["o200k_base"] and result["references_skipped"] == ["gpt2"]
+    assert result["references"]["o200k_base"]["bytes_per_token"] == 1.0
     bpt = [s["bytes_per_token"] for s in result["sweep"]]
-    assert bpt == sorted(bpt)  # more merges never compress worse on this corpus
+    assert bpt == sorted(bpt) and bpt[0] > 1.0  # more merges never compress worse on this corpus
     assert result["sweep"][-1]["vocab_size"] < 2000  # the small corpus runs out of merges...
     assert result["plateau_vocab_size"] is not None  # ...so compression has stopped improving
     out = capsys.readouterr().out
-    assert "ours (rustbpe)" in out and "Traceback" not in out
+    assert "GPT-2 (gpt2): skipped" in out and "ConnectionError" in out and "Traceback" not in out
+    assert "ours (rustbpe)" in out and "GPT-4o (o200k_base)" in out

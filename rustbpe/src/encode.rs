@@ -14,14 +14,19 @@ pub fn encode_chunk(chunk: &[u8], ranks: &AHashMap<Vec<u8>, u32>, out: &mut Vec<
     let mut starts: Vec<usize> = (0..=chunk.len()).collect();
     let rank_of = |starts: &[usize], i: usize| -> u32 {
         match starts.get(i + 2) {
-            Some(&end) => ranks.get(&chunk[starts[i]..end]).copied().unwrap_or(u32::MAX),
+            Some(&end) => ranks
+                .get(&chunk[starts[i]..end])
+                .copied()
+                .unwrap_or(u32::MAX),
             None => u32::MAX,
         }
     };
     let mut join_rank: Vec<u32> = (0..chunk.len()).map(|i| rank_of(&starts, i)).collect();
     loop {
         // min_by_key keeps the first of equal minima: the leftmost pair, as tiktoken does
-        let Some((i, &best)) = join_rank.iter().enumerate().min_by_key(|&(_, &r)| r) else { break };
+        let Some((i, &best)) = join_rank.iter().enumerate().min_by_key(|&(_, &r)| r) else {
+            break;
+        };
         if best == u32::MAX {
             break;
         }

@@ -10,7 +10,7 @@ mod train;
 use std::ffi::CString;
 
 use ahash::AHashMap;
-use pyo3::exceptions::{PyRuntimeWarning, PyValueError};
+use pyo3::exceptions::{PyRuntimeWarning, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -30,7 +30,11 @@ fn byte_vocab() -> Vec<Vec<u8>> {
 }
 
 fn rank_map(vocab: &[Vec<u8>]) -> AHashMap<Vec<u8>, u32> {
-    vocab.iter().enumerate().map(|(i, bytes)| (bytes.clone(), i as u32)).collect()
+    vocab
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| (bytes.clone(), i as u32))
+        .collect()
 }
 
 #[pymethods]
@@ -42,7 +46,12 @@ impl Tokenizer {
         let splitter = Splitter::new(&pattern).expect("the default pattern compiles");
         let vocab = byte_vocab();
         let ranks = rank_map(&vocab);
-        Tokenizer { pattern, splitter, vocab, ranks }
+        Tokenizer {
+            pattern,
+            splitter,
+            vocab,
+            ranks,
+        }
     }
 
     /// Train on the strings of any Python iterator until the vocabulary (256 bytes + merges) has
@@ -76,8 +85,10 @@ impl Tokenizer {
             buffer.clear();
             while buffer.len() < buffer_size {
                 match items.next() {
-                    Some(item) => buffer.push(item?.extract::<String>().map_err(|_| {
-                        PyValueError::new_err("train_from_iterator expects an iterator of str")
+                    Some(item) => buffer.push(item?.extract::<String>().map_err(|e| {
+                        PyTypeError::new_err(format!(
+                            "train_from_iterator expects an iterator of str: {e}"
+                        ))
                     })?),
                     None => {
                         exhausted = true;
@@ -101,7 +112,12 @@ impl Tokenizer {
                 "rustbpe: stopped early at vocab size {} of {vocab_size}: no pair of adjacent tokens is left to merge",
                 vocab.len()
             );
-            PyErr::warn(py, &py.get_type::<PyRuntimeWarning>(), &CString::new(msg)?, 1)?;
+            PyErr::warn(
+                py,
+                &py.get_type::<PyRuntimeWarning>(),
+                &CString::new(msg)?,
+                1,
+            )?;
         }
         self.ranks = rank_map(&vocab);
         self.vocab = vocab;
@@ -116,14 +132,20 @@ impl Tokenizer {
 
     /// (token bytes, rank) for every token: single bytes at ranks 0..255, then the merges in order.
     fn get_mergeable_ranks<'py>(&self, py: Python<'py>) -> Vec<(Bound<'py, PyBytes>, u32)> {
-        self.vocab.iter().enumerate().map(|(i, b)| (PyBytes::new(py, b), i as u32)).collect()
+        self.vocab
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (PyBytes::new(py, b), i as u32))
+            .collect()
     }
 
     /// Token ids of `text`, identical to tiktoken's encode_ordinary with the same ranks and pattern.
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
         py.allow_threads(|| {
             let mut ids = Vec::new();
-            self.splitter.for_each(text, |chunk| encode::encode_chunk(chunk.as_bytes(), &self.ranks, &mut ids))?;
+            self.splitter.for_each(text, |chunk| {
+                encode::encode_chunk(chunk.as_bytes(), &self.ranks, &mut ids)
+            })?;
             Ok::<_, String>(ids)
         })
         .map_err(PyValueError::new_err)

@@ -105,13 +105,17 @@ pub fn learn_merges(chunk_counts: AHashMap<String, i64>, n_merges: usize) -> Vec
     // Lazy max-heap: an entry's count may be stale. A pair's count only grows during the merge that
     // creates its newer token (when it is pushed); afterwards it only shrinks, so stale entries are
     // upper bounds and re-pushing them with the current count when popped keeps the order exact.
-    let mut heap: BinaryHeap<(i64, Reverse<Pair>)> =
-        pair_counts.iter().map(|(&pair, &n)| (n, Reverse(pair))).collect();
+    let mut heap: BinaryHeap<(i64, Reverse<Pair>)> = pair_counts
+        .iter()
+        .map(|(&pair, &n)| (n, Reverse(pair)))
+        .collect();
     let mut merges = Vec::with_capacity(n_merges);
     // pairs holding the new token: (count, chunks holding it), gathered in a small map during a merge
     let mut fresh: AHashMap<Pair, (i64, Vec<u32>)> = AHashMap::new();
     while merges.len() < n_merges {
-        let Some((n, Reverse(pair))) = heap.pop() else { break };
+        let Some((n, Reverse(pair))) = heap.pop() else {
+            break;
+        };
         let current = pair_counts.get(&pair).copied().unwrap_or(0);
         if current != n {
             if current > 0 {
@@ -133,7 +137,7 @@ pub fn learn_merges(chunk_counts: AHashMap<String, i64>, n_merges: usize) -> Vec
                     }
                 } else if let Some(count) = pair_counts.get_mut(&p) {
                     // older pairs only shrink; their heap entries are corrected when popped
-                    *count -= freq;
+                    *count += d * freq;
                 }
             });
         }
@@ -162,7 +166,13 @@ mod tests {
             }
             m
         };
-        for word in [vec![1, 1, 1, 1], vec![1, 1, 1], vec![2, 1, 1, 2, 1, 1, 1], vec![1, 2, 1, 2], vec![3]] {
+        for word in [
+            vec![1, 1, 1, 1],
+            vec![1, 1, 1],
+            vec![2, 1, 1, 2, 1, 1, 1],
+            vec![1, 2, 1, 2],
+            vec![3],
+        ] {
             let mut w = word.clone();
             let mut counts = pairs(&word);
             counts.remove(&(1, 1));
@@ -177,7 +187,9 @@ mod tests {
 
     #[test]
     fn stops_when_nothing_is_left_to_merge() {
-        let counts: AHashMap<String, i64> = [("ab".to_string(), 3), ("c".to_string(), 5)].into_iter().collect();
+        let counts: AHashMap<String, i64> = [("ab".to_string(), 3), ("c".to_string(), 5)]
+            .into_iter()
+            .collect();
         assert_eq!(learn_merges(counts, 10), vec![(97, 98)]);
     }
 }
