@@ -186,3 +186,14 @@ def test_tok_eval_writes_table_sweep_and_plot(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "GPT-2 (gpt2): skipped" in out and "ConnectionError" in out and "Traceback" not in out
     assert "ours (rustbpe)" in out and "GPT-4o (o200k_base)" in out
+
+
+def test_bench_tokenizer_runs_on_a_small_corpus(tmp_path, capsys):
+    from scripts import bench_tokenizer
+
+    corpus = write_jsonl(tmp_path / "r.jsonl", make_reports(50))
+    bench_tokenizer.main(["--input", corpus, "--vocab-size", "300", "--repeats", "1"])
+    rows = {line.split("  ")[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    ours, hf = rows["ours (rustbpe)"], rows["HF tokenizers"]
+    assert ours[2] == hf[2] == "300"  # vocab
+    assert float(ours[-1]) == 1.0 and 0.9 < float(hf[-1]) < 1.1  # same algorithm: about the same compression
