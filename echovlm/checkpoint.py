@@ -24,6 +24,7 @@ import torch
 
 from echovlm.common import atomic_torch_save
 from echovlm.gpt import GPT, GPTConfig
+from echovlm.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 
@@ -116,8 +117,6 @@ def load_model(path, device, which: str = "best"):
     info: config (dict), step, dataset (path of the prepared dataset it was trained on), tokenizer_dir,
     val_bpb (at that checkpoint), best_val_bpb, checkpoint (the file read).
     """
-    from echovlm.tokenizer import Tokenizer
-
     file = resolve(path, which)
     ckpt = read_checkpoint(file, map_location="cpu")
     model = build_model(ckpt, file, device)
