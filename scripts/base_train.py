@@ -182,7 +182,7 @@ def write_csv(path: Path, fields: list[str], rows: list[dict]):
 
 
 def _fmt(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+    return f"{v:.9g}" if isinstance(v, float) else str(v)
 
 
 def read_csv(path: Path, upto_step: int) -> list[dict]:

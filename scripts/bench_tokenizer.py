@@ -158,6 +158,8 @@ def main(argv=None):
         bpt, rel = (n_bytes / r["n_tokens"], r["n_tokens"] / ours["n_tokens"]) if r["n_tokens"] else (np.nan, np.nan)
         print0(f"{name:<18} {r['vocab_size']:>6} {r['seconds']:>8.3f} {r['cpu_seconds']:>8.3f} "
                f"{r['seconds'] / ours['seconds']:>12.2f}x {bpt:>12.3f} {rel:>15.4f}")
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -174,6 +174,7 @@ def main(argv=None):
         "sweep": sweep, "sweep_docs": len(subset), "plateau_threshold": args.plateau, "plateau_vocab_size": plateau_at,
     })
     print0(f"wrote {out / 'tok_eval.json'} and {out / 'tok_eval.png'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def main(argv=None):
             outputs += [out / f"{s}_{k}.npy" for s in SPLITS for k in ("tokens", "offsets")]
         if previous == checksum and all(p.exists() for p in outputs) and not args.force:
             print0(f"{out} is up to date (same reports and settings as before); nothing to do")
-            return
+            return 0
         if not args.force:
             raise SystemExit(f"error: {out} already holds a tokenizer made from other reports or settings "
                              f"({', '.join(p.name for p in existing)}); pass --force to replace it, "
@@ -170,6 +170,7 @@ def main(argv=None):
                    f"mean {s['mean']:.1f} max {s['max']} std {s['std']:.1f}")
     atomic_write_json(stats_path, stats)
     print0(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
