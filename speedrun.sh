@@ -23,6 +23,7 @@
 #   NGPU                          GPUs to use (default: all that torch sees)
 #   ECHOVLM_STOP_AFTER            stop after this step (e.g. tok_train: only the data steps)
 #   ECHOVLM_NO_SYNC=0             1 = skip `uv sync` (the environment is already set up)
+#   ECHOVLM_PYTHON                run every step with this Python instead of `uv run` (no uv, no sync)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,7 +32,7 @@ FRESH=${ECHOVLM_FRESH:-0}
 for arg in "$@"; do
   case "$arg" in
     --fresh) FRESH=1 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "speedrun.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -47,16 +48,20 @@ log() { echo "[speedrun $(date +%H:%M:%S)] $*"; }
 T_START=$(date +%s)
 
 # ---------------------------------------------------------------- set-up: uv + the project (builds rustbpe)
-if ! python3 -m uv --version >/dev/null 2>&1 && ! command -v uv >/dev/null 2>&1; then
-  log "uv not found: installing it from the package registry"
-  python3 -m pip install uv
+if [[ -n "${ECHOVLM_PYTHON:-}" ]]; then
+  PY=("$ECHOVLM_PYTHON")
+else
+  if ! python3 -m uv --version >/dev/null 2>&1 && ! command -v uv >/dev/null 2>&1; then
+    log "uv not found: installing it from the package registry"
+    python3 -m pip install uv
+  fi
+  if command -v uv >/dev/null 2>&1; then UV=(uv); else UV=(python3 -m uv); fi
+  if [[ "${ECHOVLM_NO_SYNC:-0}" != 1 ]]; then
+    log "uv sync (installs dependencies, compiles the Rust tokenizer trainer)"
+    "${UV[@]}" sync
+  fi
+  PY=("${UV[@]}" run --no-sync python)
 fi
-if command -v uv >/dev/null 2>&1; then UV=(uv); else UV=(python3 -m uv); fi
-if [[ "${ECHOVLM_NO_SYNC:-0}" != 1 ]]; then
-  log "uv sync (installs dependencies, compiles the Rust tokenizer trainer)"
-  "${UV[@]}" sync
-fi
-PY=("${UV[@]}" run --no-sync python)
 
 # ---------------------------------------------------------------- the run directory
 mkdir -p "$RUNS"
@@ -100,7 +105,7 @@ step() {
 NGPU=${NGPU:-$("${PY[@]}" -c "import torch; print(torch.cuda.device_count())")}
 if [[ "$NGPU" -gt 0 ]]; then
   log "$NGPU GPU(s): full config, torchrun --nproc_per_node=$NGPU"
-  TRAIN=("${UV[@]}" run --no-sync torchrun --standalone --nproc_per_node="$NGPU" -m scripts.base_train)
+  TRAIN=("${PY[@]}" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m scripts.base_train)
   N_STUDIES=${N_STUDIES:-200000}
 else
   log "no GPU: the small CPU config on synthetic data"

@@ -34,7 +34,9 @@ def rng_state() -> dict:
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's own device only: the _all variants would open a CUDA context on every visible GPU
+        # from every rank under torchrun
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     }
@@ -43,7 +45,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python"]

@@ -84,6 +84,9 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded whatever the residual stream's scale
+        # the fp32 rotary tables promote bf16 q/k under autocast; back to v's dtype so that SDPA and the KV
+        # cache stay in bf16
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         T_total = k.shape[2]

@@ -167,7 +167,10 @@ def plot_traits(path: Path, table: pd.DataFrame):
     h, y = 0.8 / len(series), np.arange(len(ok))
     for i, (s, m) in enumerate(series):
         r = table[table.system == s].set_index("trait").loc[ok]
-        ax.barh(y + i * h, r[m], h, xerr=[r[m] - r[m + "_lo"], r[m + "_hi"] - r[m]], capsize=2,
+        # a percentile CI need not contain the point estimate on a few studies (resamples with one class are
+        # dropped), and matplotlib refuses negative error bars: draw those sides as zero
+        err = np.nan_to_num(np.clip([r[m] - r[m + "_lo"], r[m + "_hi"] - r[m]], 0.0, None))
+        ax.barh(y + i * h, r[m], h, xerr=err, capsize=2,
                 label=f"{s} ({'score' if m == 'auroc' else 'hard labels'})")
     ax.axvline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_yticks(y + 0.4 - h / 2, ok, fontsize=8)

@@ -98,6 +98,16 @@ def test_kv_cache_prefill_and_decode_match_the_full_forward():
         model(b.ids[:, :2], b.prefix[:0], b.prefix_mask[:, :2] & False, kv_cache=cache)
 
 
+def test_bf16_autocast_keeps_attention_and_kv_cache_in_bf16():
+    # the rotary tables are fp32: without a cast back, q/k (and so the cache) would silently run in fp32 on CUDA
+    model = tiny(depth=2, randomise=True).eval()
+    b = batch_of([2, 2], [7, 7])
+    cache = KVCache(model.config.n_layer, model.config.sequence_len)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        logits = model(b.ids, b.prefix, b.prefix_mask, kv_cache=cache)
+    assert cache.kv.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
 def test_bad_inputs_are_refused():
     model = tiny()
     b = batch_of([1], [4])

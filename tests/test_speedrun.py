@@ -1,0 +1,119 @@
+"""speedrun.sh end to end on the CPU path, made tiny by its environment variables.
+
+One run is stopped after tok_train (as an interrupted run would be), then re-run: the data steps must be
+skipped, the rest must run, and the report card must hold the numbers the steps wrote. A step that fails
+must stop the run with its message and leave the finished steps alone.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["prepare_dataset", "tok_train", "tok_eval", "base_train", "test_inference", "generate_report"]
+
+
+def speedrun(tmp: Path, **env) -> subprocess.CompletedProcess:
+    base = {
+        "ECHOVLM_PYTHON": sys.executable, "ECHOVLM_RUNS": str(tmp / "runs"), "ECHOVLM_DATA": str(tmp / "data"),
+        "ECHOVLM_SOURCE": "synthetic", "NGPU": "0", "N_STUDIES": "400", "VOCAB_SIZE": "400", "DEPTH": "1",
+        "NUM_STEPS": "6", "DEVICE_BATCH": "8", "TOTAL_BATCH": "16", "EVAL_STUDIES": "12", "EVAL_SAMPLES": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    full = {**os.environ, **base, **env}
+    return subprocess.run(["bash", str(ROOT / "speedrun.sh")], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=600)
+
+
+def check(proc: subprocess.CompletedProcess, rc: int = 0):
+    assert proc.returncode == rc, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("speedrun")
+    first = speedrun(tmp, ECHOVLM_STOP_AFTER="tok_train")
+    check(first)
+    run_dir = Path((tmp / "runs" / "LATEST").read_text().strip())
+    done = sorted(p.stem for p in (run_dir / "steps").glob("*.done"))
+    assert done == ["prepare_dataset", "tok_train"], done
+    assert "stopping after tok_train" in first.stdout
+
+    second = speedrun(tmp)
+    check(second)
+    return tmp, run_dir, first, second
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_steps(run):
+    tmp, run_dir, first, second = run
+    assert f"resuming {run_dir}" in second.stdout
+    for name in ("prepare_dataset", "tok_train"):
+        assert f"step {name}: already done, skipping" in second.stdout
+    for name in STEPS[2:]:
+        assert f"step {name}: done in" in second.stdout
+    with open(run_dir / "steps.tsv") as f:
+        timed = [row[0] for row in csv.reader(f, delimiter="\t")]
+    assert timed == STEPS  # each step ran exactly once across the two invocations
+    assert sorted(p.stem for p in (run_dir / "steps").glob("*.done")) == sorted(STEPS)
+    assert (run_dir / "source").read_text().strip() == "synthetic"
+
+
+def test_each_step_leaves_well_formed_outputs(run):
+    _, run_dir, _, _ = run
+    dataset = Path((run_dir / "dataset").read_text().strip())
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert sum(meta["counts"].values()) == 400
+    tok = json.loads((dataset / "tokenizer" / "tok_stats.json").read_text())
+    assert 259 <= tok["vocab_size"] <= 400 + 3
+    assert json.loads((run_dir / "tok_eval" / "tok_eval.json").read_text())["ours"]
+    model = run_dir / "model"
+    summary = json.loads((model / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["params"] > 0 and summary["best_val_bpb"] > 0
+    for name in ("train.csv", "val.csv", "train.png", "val.png", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (model / name).is_file(), name
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert set(metrics["summary"]["core_metric"]) == {"model", "prior", "retrieval", "knn50"}
+    assert metrics["summary"]["n_studies"] == 12
+    for name in ("metrics.csv", "metrics.md", "samples.md", "traits.png", "language.json"):
+        assert (run_dir / "eval" / name).is_file(), name
+    report = json.loads((run_dir / "generate" / "report.json").read_text())
+    assert report["report"].strip() and set(report["findings"]) and report["reference_report"]
+
+
+def test_the_report_card_holds_the_numbers_the_steps_wrote(run):
+    _, run_dir, _, _ = run
+    card = (run_dir / "report.md").read_text()
+    dataset = Path((run_dir / "dataset").read_text().strip())
+    tok = json.loads((dataset / "tokenizer" / "tok_stats.json").read_text())
+    summary = json.loads((run_dir / "model" / "train_summary.json").read_text())
+    assert f"vocab {tok['vocab_size']:,}" in card
+    assert f"{tok['bytes_per_token']:.2f} bytes/token" in card
+    assert f"parameters: {summary['params']:,}" in card
+    assert f"best {summary['best_val_bpb']:.4f}" in card and f"final {summary['final_val_bpb']:.4f}" in card
+    assert (run_dir / "eval" / "metrics.md").read_text().strip() in card
+    assert json.loads((run_dir / "generate" / "report.json").read_text())["report"] in card
+    for png in ("model/train.png", "model/val.png", "eval/traits.png"):
+        assert f"]({png})" in card
+    with open(run_dir / "steps.tsv") as f:
+        for name, seconds in csv.reader(f, delimiter="\t"):
+            assert f"| {name} | {int(seconds):,} |" in card
+    assert "synthetic" in card and "CPU run" in card
+
+
+def test_a_failing_step_stops_the_run_and_keeps_finished_steps(tmp_path):
+    # a dataset too small to split into train/val/test: prepare_dataset refuses it
+    proc = speedrun(tmp_path, N_STUDIES="2", ECHOVLM_STOP_AFTER="tok_train")
+    assert proc.returncode != 0
+    assert "step prepare_dataset FAILED" in proc.stdout
+    run_dir = Path((tmp_path / "runs" / "LATEST").read_text().strip())
+    assert not list((run_dir / "steps").glob("*.done"))
+    # --fresh starts a new run directory; the failed one is kept
+    again = speedrun(tmp_path, ECHOVLM_STOP_AFTER="prepare_dataset", ECHOVLM_FRESH="1")
+    check(again)
+    new_dir = Path((tmp_path / "runs" / "LATEST").read_text().strip())
+    assert new_dir != run_dir and run_dir.is_dir() and (new_dir / "steps" / "prepare_dataset.done").is_file()
