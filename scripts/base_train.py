@@ -232,6 +232,36 @@ def setup_run(args, rank, ddp):
     return Path(name[0]), None
 
 
+def setup_training(args, device, rank: int, world: int):
+    """Tokenizer, train/val splits, loader, model and optimizers for complete args (defaults applied).
+
+    Fills in args.sequence_len and args.num_steps where they were left to the data. scripts.bench_train
+    builds its runs here too, so it times the very set-up that trains.
+    """
+    dataset = open_dataset(args.dataset)
+    tok_dir = Path(args.dataset) / "tokenizer"
+    if not tok_dir.is_dir():
+        raise SystemExit(f"base_train: no tokenizer in {tok_dir}: run `python -m scripts.tok_train --dataset "
+                         f"{args.dataset}` first")
+    tokenizer = Tokenizer.load(tok_dir)
+    pad_multiple = 32 if args.compile else 1  # fewer distinct batch shapes for torch.compile to specialise on
+    train_split = DeviceSplit.from_dataset(dataset, "train", tokenizer, args.sequence_len, device, pad_multiple)
+    args.sequence_len = train_split.sequence_len
+    val_split = DeviceSplit.from_dataset(dataset, "val", tokenizer, args.sequence_len, device, pad_multiple)
+    loader = TrainLoader(train_split, args.total_batch_size, args.device_batch_size, rank, world, args.seed,
+                         length_grouping=args.length_grouping)
+    if args.num_steps is None:
+        args.num_steps = max(1, round(args.epochs * loader.batches_per_epoch))
+
+    config = GPTConfig(depth=args.depth, vocab_size=tokenizer.vocab_size, embed_dim=train_split.embed_dim,
+                       sequence_len=args.sequence_len)
+    model = GPT(config).to(device)
+    optimizers = model.setup_optimizers(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
+                                        projector_lr=args.projector_lr, unembedding_lr=args.unembedding_lr,
+                                        weight_decay=args.weight_decay)
+    return tok_dir, tokenizer, train_split, val_split, loader, config, model, optimizers
+
+
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world, device = compute_init(args.device)
@@ -255,28 +285,9 @@ def train(args, ddp, rank, world, device):
         apply_defaults(args, device.type, world)
     seed_everything(args.seed)
 
-    dataset = open_dataset(args.dataset)
-    tok_dir = Path(args.dataset) / "tokenizer"
-    if not tok_dir.is_dir():
-        raise SystemExit(f"base_train: no tokenizer in {tok_dir}: run `python -m scripts.tok_train --dataset "
-                         f"{args.dataset}` first")
-    tokenizer = Tokenizer.load(tok_dir)
-    pad_multiple = 32 if args.compile else 1  # fewer distinct batch shapes for torch.compile to specialise on
-    train_split = DeviceSplit.from_dataset(dataset, "train", tokenizer, args.sequence_len, device, pad_multiple)
-    args.sequence_len = train_split.sequence_len
-    val_split = DeviceSplit.from_dataset(dataset, "val", tokenizer, args.sequence_len, device, pad_multiple)
-    loader = TrainLoader(train_split, args.total_batch_size, args.device_batch_size, rank, world, args.seed,
-                         length_grouping=args.length_grouping)
-    if args.num_steps is None:
-        args.num_steps = max(1, round(args.epochs * loader.batches_per_epoch))
+    tok_dir, tokenizer, train_split, val_split, loader, config, model, optimizers = setup_training(
+        args, device, rank, world)
     accum = loader.accum
-
-    config = GPTConfig(depth=args.depth, vocab_size=tokenizer.vocab_size, embed_dim=train_split.embed_dim,
-                       sequence_len=args.sequence_len)
-    model = GPT(config).to(device)
-    optimizers = model.setup_optimizers(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
-                                        projector_lr=args.projector_lr, unembedding_lr=args.unembedding_lr,
-                                        weight_decay=args.weight_decay)
     start_step, best_bpb, last_bpb = 0, float("inf"), float("nan")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
