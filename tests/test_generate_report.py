@@ -1,0 +1,272 @@
+"""scripts.generate_report on a tiny trained model (CPU, offline): a test-split study, a precomputed embedding,
+and a folder of synthetic videos, with every kind of bad input ending in one clear line, never a traceback.
+
+The EchoPrime encoder and view classifier are replaced on the video path by stand-ins that answer with a
+known embedding (the real builders are tested in tests/test_video.py); only the missing / mismatched
+weights tests use the real builders, which check the file before building anything.
+"""
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from echovlm import video
+from echovlm.clinical import TRAITS, extract_labels
+from echovlm.dataset import open_dataset
+from echovlm.engine import Engine
+from echovlm.tokenizer import Tokenizer
+from scripts import base_train, generate_report, prepare_dataset, tok_train
+
+SNAP_TARGET = 5  # the training study whose embedding the stand-in encoder returns
+JSON_KEYS = {"report", "findings", "videos", "skipped", "conditioning", "snapped_to", "reference_report",
+             "provenance", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("generate_report")
+    data = tmp / "data"
+    assert prepare_dataset.main(["--source", "synthetic", "--n-studies", "300", "--seed", "0", "--val-size", "20",
+                                 "--test-size", "20", "--out", str(data)]) == 0
+    assert tok_train.main(["--dataset", str(data), "--vocab-size", "300"]) == 0
+    assert base_train.main(["--dataset", str(data), "--run-dir", str(tmp / "runs"), "--run-name", "model",
+                            "--depth", "1", "--num-steps", "2", "--total-batch-size", "4", "--device-batch-size", "4",
+                            "--eval-every", "2", "--eval-studies", "4", "--device", "cpu", "--seed", "0"]) == 0
+    return tmp / "runs" / "model", open_dataset(data)
+
+
+def generate(run_dir, *args):
+    return generate_report.main([*map(str, args), "--run", str(run_dir), "--max-tokens", "24", "--device", "cpu"])
+
+
+def error_of(run_dir, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        generate(run_dir, *args)
+    message = str(e.value.code)
+    assert message.startswith("generate_report: ") and "\n" not in message
+    return message
+
+
+@pytest.fixture
+def captured_prefix(monkeypatch):
+    """The study embeddings Engine.generate was called with."""
+    seen = []
+    original = Engine.generate
+
+    def spy(self, embeddings, **kwargs):
+        seen.extend(np.asarray(e) for e in embeddings)
+        return original(self, embeddings, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    return seen
+
+
+# ------------------------------------------------------------------------------------------------ --study
+def test_study_writes_json_and_markdown_and_never_overwrites(run, tmp_path, capsys):
+    run_dir, ds = run
+    out = tmp_path / "report"
+    assert generate(run_dir, "--study", 0, "--out", out) == 0
+    result = json.loads((out / "report.json").read_text())
+    assert set(result) == JSON_KEYS
+    assert result["reference_report"] == ds.reports("test")[0]
+    assert set(result["findings"]) == set(TRAITS) and result["findings"] == extract_labels(result["report"])
+    prov = result["provenance"]
+    assert prov["input"]["test_study"] == ds.studies("test")[0]
+    assert Path(prov["dataset"]) == ds.path and prov["dataset_source"] == "synthetic"
+    assert Path(prov["checkpoint"]).name == "best.pt" and prov["step"] == 2 and prov["model_config"]["depth"] == 1
+    md = (out / "report.md").read_text()
+    assert result["report"] in md and ds.reports("test")[0] in md and "| ejection_fraction |" in md
+    assert (out / "report.txt").read_text() == result["report"] + "\n"
+    printed = capsys.readouterr().out
+    assert printed.startswith(result["report"] + "\n") and "ejection_fraction" in printed
+
+    first = (out / "report.json").read_bytes()
+    assert generate(run_dir, "--study", 1, "--out", out) == 0
+    assert (out / "report.json").read_bytes() == first  # untouched: the second report went elsewhere
+    again = json.loads((tmp_path / "report1" / "report.json").read_text())
+    assert again["provenance"]["input"]["test_study"] == ds.studies("test")[1]
+    assert str(tmp_path / "report1" / "report.json") in capsys.readouterr().out
+
+
+def test_printed_report_has_one_section_per_line(run, monkeypatch, capsys):
+    run_dir, _ = run
+    tok = Tokenizer.load(run[1].path / "tokenizer")
+    # what a model that dropped a newline (and doubled another) writes
+    text = "Left Ventricle: Normal size. Right Ventricle: Normal size.\n\nAorta: The aortic root is normal."
+    monkeypatch.setattr(Engine, "generate", lambda self, embeddings, **kw: [[tok.encode(text)]])
+    assert generate(run_dir, "--study", 0) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == ["Left Ventricle: Normal size.", "Right Ventricle: Normal size.",
+                         "Aorta: The aortic root is normal.", ""]
+    # a section name inside a sentence, without its colon, is not a header
+    assert generate_report.section_per_line("Aorta: Normal. The Left Ventricle is fine.") == \
+        "Aorta: Normal. The Left Ventricle is fine."
+
+
+def test_study_out_of_range(run):
+    assert "out of range" in error_of(run[0], "--study", 20) and "20 studies" in error_of(run[0], "--study", -1)
+
+
+def test_run_without_checkpoint(run, tmp_path):
+    (tmp_path / "empty_run").mkdir()
+    assert "holds no best.pt or last.pt" in error_of(tmp_path / "empty_run", "--study", 0)
+
+
+# ------------------------------------------------------------------------------------------------ --embedding
+@pytest.mark.parametrize("shape", [(512,), (2, 512)])
+def test_embedding_file(run, tmp_path, shape, captured_prefix):
+    emb = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    np.save(tmp_path / "e.npy", emb)
+    assert generate(run[0], "--embedding", tmp_path / "e.npy", "--out", tmp_path / "out") == 0
+    assert np.array_equal(captured_prefix[0], emb.reshape(-1, 512))
+    result = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert result["reference_report"] is None and result["provenance"]["input"]["embedding_file"].endswith("e.npy")
+
+
+@pytest.mark.parametrize("array, expected", [
+    (np.zeros((3, 16)), "got shape (3, 16)"),
+    (np.zeros((2, 2, 512)), "got shape (2, 2, 512)"),
+    (np.zeros((0, 512)), "got shape (0, 512)"),
+    (np.full(512, np.nan), "NaN"),
+    (np.array(["a", "b"]), "numeric array"),
+])
+def test_bad_embedding_file(run, tmp_path, array, expected):
+    np.save(tmp_path / "e.npy", array)
+    assert expected in error_of(run[0], "--embedding", tmp_path / "e.npy")
+
+
+def test_unreadable_embedding_file(run, tmp_path):
+    (tmp_path / "e.npy").write_text("not numpy")
+    assert "cannot read --embedding" in error_of(run[0], "--embedding", tmp_path / "e.npy")
+
+
+# ------------------------------------------------------------------------------------------------ videos
+def write_video(path: Path, n_frames: int, seed: int):
+    frames = np.random.default_rng(seed).integers(0, 256, (n_frames, 64, 80, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg" if path.suffix == ".avi" else "libx264", rate=30)
+        stream.width, stream.height = 80, 64
+        stream.pix_fmt = "yuvj420p" if path.suffix == ".avi" else "yuv420p"
+        for f in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.fixture
+def study(tmp_path):
+    """Three short clips, a one-frame video and a corrupt DICOM (both skipped), a text file (ignored)."""
+    folder = tmp_path / "study"
+    (folder / "sub").mkdir(parents=True)
+    write_video(folder / "a.avi", 12, 0)
+    write_video(folder / "b.mp4", 40, 1)
+    write_video(folder / "sub" / "c.mp4", 6, 2)
+    write_video(folder / "still.mp4", 1, 3)
+    (folder / "broken.dcm").write_bytes(b"\0" * 200)
+    (folder / "notes.txt").write_text("not a video")
+    return folder
+
+
+class StandIn(torch.nn.Module):
+    """Answers input i with row + (mean of input i) * tilt, and remembers its answers.
+
+    Short videos are zero-padded clips, so their means differ and so do the answers: a study's videos do not
+    all point the same way, and their normalised mean is shorter than 1 before it is normalised again.
+    """
+
+    def __init__(self, row, tilt):
+        super().__init__()
+        self.register_buffer("row", torch.as_tensor(row, dtype=torch.float32))
+        self.register_buffer("tilt", torch.as_tensor(tilt, dtype=torch.float32))
+        self.answers = []
+
+    def forward(self, x):
+        out = self.row + x.flatten(1).mean(1, keepdim=True) * self.tilt
+        self.answers.append(out)
+        return out
+
+
+@pytest.fixture
+def stand_ins(run, monkeypatch):
+    """The encoder answers near 2x the mean embedding of training study SNAP_TARGET; every view is A4C."""
+    emb, offsets = run[1].embedding_block("train")
+    target = np.asarray(emb[offsets[SNAP_TARGET]:offsets[SNAP_TARGET + 1]], dtype=np.float32).mean(0)
+    tilt = np.random.default_rng(1).standard_normal(512) * np.linalg.norm(target) / np.sqrt(512) * 0.3
+    models = {"loaded": []}
+
+    def encoder(path):
+        models["loaded"].append(Path(path))
+        models["encoder"] = StandIn(2 * target, tilt)
+        return models["encoder"]
+
+    def views(path):
+        models["loaded"].append(Path(path))
+        return StandIn(np.eye(11)[video.VIEW_CLASSES.index("A4C")], np.zeros(11))
+
+    monkeypatch.setattr(video, "build_encoder", encoder)
+    monkeypatch.setattr(video, "build_view_classifier", views)
+    return models
+
+
+@pytest.mark.parametrize("conditioning", ["snap", "direct"])
+def test_video_study(run, tmp_path, study, stand_ins, conditioning, captured_prefix, capsys):
+    run_dir, ds = run
+    out = tmp_path / "out"
+    assert generate(run_dir, study, "--conditioning", conditioning, "--echoprime-dir", tmp_path / "EchoPrime",
+                    "--video-batch", 2, "--out", out) == 0
+    weights = tmp_path / "EchoPrime" / "model_data" / "weights"
+    assert stand_ins["loaded"] == [weights / "echo_prime_encoder.pt", weights / "view_classifier.pt"]
+    answers = torch.cat(stand_ins["encoder"].answers).numpy()
+    assert len(answers) == 3  # in batches of 2 and 1
+    result = json.loads((out / "report.json").read_text())
+    assert set(result) == JSON_KEYS and result["conditioning"] == conditioning
+    assert [Path(v["file"]).name for v in result["videos"]] == ["a.avi", "b.mp4", "c.mp4"]
+    assert all(v["view"] == "A4C" for v in result["videos"])
+    assert [v["embedding_norm"] for v in result["videos"]] == pytest.approx(np.linalg.norm(answers, axis=1))
+    skipped = {Path(s["file"]).name: s["reason"] for s in result["skipped"]}
+    assert set(skipped) == {"broken.dcm", "still.mp4"}
+    assert "not a readable DICOM" in skipped["broken.dcm"] and "not a video" in skipped["still.mp4"]
+    prov = result["provenance"]
+    assert prov["input"]["video_encoder"] == str((weights / "echo_prime_encoder.pt").resolve())
+    assert [Path(f).name for f in prov["input"]["videos"]] == ["a.avi", "b.mp4", "c.mp4"]
+
+    query = (answers / np.linalg.norm(answers, axis=1, keepdims=True)).mean(0)
+    assert np.linalg.norm(query) < 0.999  # the videos disagree, so normalising the mean matters
+    query /= np.linalg.norm(query)
+    if conditioning == "snap":
+        train = np.stack([e.mean(0) for e in ds.embeddings("train")])
+        sims = train @ query / np.linalg.norm(train, axis=1)
+        best = int(sims.argmax())
+        assert result["snapped_to"] == {"train_study": ds.studies("train")[best],
+                                        "cosine": pytest.approx(sims[best], abs=1e-3)}
+        assert np.array_equal(captured_prefix[0], ds.embeddings("train")[best])
+    else:
+        assert result["snapped_to"] is None
+        assert np.allclose(captured_prefix[0], query[None], atol=1e-6)
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "broken.dcm" in printed and "A4C" in printed and "c.mp4" in printed
+
+
+def test_missing_or_mismatched_weights(run, tmp_path, study):
+    message = error_of(run[0], study, "--echoprime-dir", tmp_path / "nowhere")
+    assert "echo_prime_encoder.pt" in message and "EchoPrime" in message and "--echoprime-dir" in message
+    weights = tmp_path / "EchoPrime" / "model_data" / "weights"
+    weights.mkdir(parents=True)
+    torch.save({"head.weight": torch.zeros(3)}, weights / "echo_prime_encoder.pt")
+    message = error_of(run[0], study, "--echoprime-dir", tmp_path / "EchoPrime")
+    assert "echo_prime_encoder.pt does not fit" in message
+
+
+def test_study_without_videos(run, tmp_path, stand_ins):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no videos here")
+    assert "no DICOM/AVI/MP4 files found" in error_of(run[0], empty)
+    write_video(empty / "still.mp4", 1, 0)
+    message = error_of(run[0], empty)
+    assert "no usable echo video" in message and "still.mp4" in message
+    assert "no such file or folder" in error_of(run[0], tmp_path / "missing")
