@@ -10,9 +10,10 @@
 #   ECHOVLM_SOURCE=auto           auto | echoprime | synthetic (auto: EchoPrime if present or fetchable, else synthetic)
 #   ECHOPRIME_DIR=../EchoPrime    EchoPrime checkout + v1.0.0 release (fetched there when missing)
 #   ECHOVLM_DATA=data             where prepared datasets go (shared by runs; re-preparing is a no-op)
+#   ECHOVLM_DATASET               a dataset you prepared yourself (prepare_dataset --source files): used as is
 #   N_STUDIES                     synthetic studies (default 20000 on CPU, 200000 on GPU)
 #   SEED=0                        data split / synthetic / training seed
-#   VOCAB_SIZE=2000               BPE vocabulary (before the 3 special tokens)
+#   VOCAB_SIZE=2000               BPE vocabulary (the 3 special tokens included)
 #   DEPTH                         model depth (default: base_train's hardware-aware choice)
 #   NUM_STEPS / EPOCHS            training budget (default: base_train's hardware-aware choice)
 #   DEVICE_BATCH / TOTAL_BATCH    per-GPU micro batch / global batch in sequences
@@ -32,7 +33,7 @@ FRESH=${ECHOVLM_FRESH:-0}
 for arg in "$@"; do
   case "$arg" in
     --fresh) FRESH=1 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "speedrun.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -53,7 +54,8 @@ if [[ -n "${ECHOVLM_PYTHON:-}" ]]; then
 else
   if ! python3 -m uv --version >/dev/null 2>&1 && ! command -v uv >/dev/null 2>&1; then
     log "uv not found: installing it from the package registry"
-    python3 -m pip install uv
+    # a system Python that refuses pip installs (PEP 668) still allows a --user one
+    python3 -m pip install uv || python3 -m pip install --user --break-system-packages uv
   fi
   if command -v uv >/dev/null 2>&1; then UV=(uv); else UV=(python3 -m uv); fi
   if [[ "${ECHOVLM_NO_SYNC:-0}" != 1 ]]; then
@@ -114,7 +116,9 @@ else
 fi
 
 # ---------------------------------------------------------------- data source
-if [[ ! -f "$RUN/source" ]]; then
+if [[ ! -f "$RUN/source" && -n "${ECHOVLM_DATASET:-}" ]]; then
+  echo "own" > "$RUN/source"
+elif [[ ! -f "$RUN/source" ]]; then
   chosen=synthetic
   if [[ "$SOURCE" == echoprime || "$SOURCE" == auto ]]; then
     if "${PY[@]}" -m scripts.fetch_echoprime --dest "$ECHOPRIME_DIR" --check >/dev/null 2>&1; then
@@ -139,7 +143,9 @@ if [[ ! -f "$RUN/source" ]]; then
   echo "$chosen" > "$RUN/source"
 fi
 CHOSEN=$(cat "$RUN/source")
-if [[ "$CHOSEN" == echoprime ]]; then
+if [[ "$CHOSEN" == own ]]; then
+  DATASET="$ECHOVLM_DATASET"
+elif [[ "$CHOSEN" == echoprime ]]; then
   DATASET="$DATA/echoprime"
   PREP=(--source echoprime --echoprime-dir "$ECHOPRIME_DIR")
 else
@@ -168,14 +174,23 @@ fi
 EVAL_ARGS=(--run "$RUN/model" --out "$RUN/eval" --samples "$EVAL_SAMPLES" --seed "$SEED")
 [[ -n "${EVAL_STUDIES:-}" ]] && EVAL_ARGS+=(--max-studies "$EVAL_STUDIES")
 
+# the last step writes a report from videos when it can (your STUDY_DIR, else the release's example study when
+# its encoder weights are there and the model was trained on EchoPrime embeddings), else for test study 0
 GEN_ARGS=(--run "$RUN/model" --out "$RUN/generate")
+EXAMPLE_STUDY="$ECHOPRIME_DIR/model_data/example_study"
 if [[ -n "${STUDY_DIR:-}" ]]; then
   GEN_ARGS+=("$STUDY_DIR" --echoprime-dir "$ECHOPRIME_DIR")
+elif [[ "$CHOSEN" == echoprime && -d "$EXAMPLE_STUDY" && -f "$ECHOPRIME_DIR/model_data/weights/echo_prime_encoder.pt" ]]; then
+  GEN_ARGS+=("$EXAMPLE_STUDY" --echoprime-dir "$ECHOPRIME_DIR")
 else
   GEN_ARGS+=(--study 0)
 fi
 
-step prepare_dataset "${PY[@]}" -m scripts.prepare_dataset "${PREP[@]}" --out "$DATASET"
+if [[ "$CHOSEN" == own ]]; then  # only checked: it is yours, and never rewritten
+  step prepare_dataset "${PY[@]}" -c "import sys; from echovlm.dataset import open_dataset; print(open_dataset(sys.argv[1]))" "$DATASET"
+else
+  step prepare_dataset "${PY[@]}" -m scripts.prepare_dataset "${PREP[@]}" --out "$DATASET"
+fi
 step tok_train       "${PY[@]}" -m scripts.tok_train --dataset "$DATASET" --vocab-size "$VOCAB_SIZE"
 step tok_eval        "${PY[@]}" -m scripts.tok_eval --dataset "$DATASET" --out "$RUN/tok_eval"
 step base_train      "${TRAIN[@]}" "${TRAIN_ARGS[@]}"

@@ -50,7 +50,7 @@ HARDWARE_DEFAULTS = {
     "cpu": dict(depth=4, total_batch_size=32, device_batch_size=32, epochs=None, num_steps=600, eval_every=100,
                 eval_studies=256),
 }
-TRAIN_FIELDS = ["step", "loss", "lr_mult", "tokens_per_sec", "padding_fraction", "mfu", "elapsed_s"]
+TRAIN_FIELDS = ["step", "loss", "lr", "lr_mult", "tokens_per_sec", "padding_fraction", "mfu", "elapsed_s"]
 VAL_FIELDS = ["step", "val_loss", "val_bpb"]
 
 
@@ -398,13 +398,16 @@ def train(args, ddp, rank, world, device):
         tok_per_s = global_targets / dt
         mfu = flops_per_token * tok_per_s / peak
         if rank == 0:
-            train_rows.append({"step": step, "loss": step_loss, "lr_mult": lrm, "tokens_per_sec": tok_per_s,
+            # lr: the Muon lr of the transformer matrices; the AdamW groups follow the same multiplier
+            train_rows.append({"step": step, "loss": step_loss, "lr": optimizers[1].param_groups[0]["lr"],
+                               "lr_mult": lrm, "tokens_per_sec": tok_per_s,
                                "padding_fraction": step_pad / step_pos, "mfu": mfu,
                                "elapsed_s": elapsed})
         if step % args.log_every == 0 or step == args.num_steps:
             eta = (args.num_steps - step) * (timed_seconds / timed_steps if timed_steps else dt)
             print0(f"step {step:5d}/{args.num_steps} | loss {step_loss:.4f} | lrm {lrm:.3f} | "
-                   f"{tok_per_s:,.0f} tok/s | pad {padding / positions:.1%} | mfu {mfu:.1%} | "
+                   f"{tok_per_s:,.0f} tok/s | pad {padding / positions:.1%} | "
+                   f"mfu {'n/a' if math.isnan(mfu) else format(mfu, '.1%')} | "
                    f"{elapsed:.0f}s, eta {eta:.0f}s")
             if rank == 0:
                 write_csv(run_dir / "train.csv", TRAIN_FIELDS, train_rows)
