@@ -17,7 +17,7 @@
 #   DEPTH                         model depth (default: base_train's hardware-aware choice)
 #   NUM_STEPS / EPOCHS            training budget (default: base_train's hardware-aware choice)
 #   DEVICE_BATCH / TOTAL_BATCH    per-GPU micro batch / global batch in sequences
-#   EVAL_STUDIES                  test studies scored (default: all of the test split)
+#   EVAL_STUDIES                  test studies scored (default: all of the test split; 500 on CPU)
 #   EVAL_SAMPLES=5                sampled reports per study for the AUROC score
 #   STUDY_DIR                     your own echo study (DICOM/AVI/MP4 folder) for the last step
 #   GPU_HOURLY_USD=3.00           price used for the cost estimate on the report card
@@ -113,6 +113,7 @@ else
   log "no GPU: the small CPU config on synthetic data"
   TRAIN=("${PY[@]}" -m scripts.base_train)
   N_STUDIES=${N_STUDIES:-20000}
+  EVAL_STUDIES=${EVAL_STUDIES:-500}  # generation is the slow part of the evaluation on a CPU
 fi
 
 # ---------------------------------------------------------------- data source

@@ -131,7 +131,9 @@ def build_card(run: Path, wall_seconds: int | None = None, gpu_hourly_usd: float
         lines += ["Language metrics (secondary to the clinical table):", "", "```", json.dumps(language, indent=1), "```", ""]
     samples = read_text(eval_dir / "samples.md")
     if samples:
-        lines += ["## Sample reports", "", samples.strip(), ""]
+        # samples.md has its own title: the card's section heading replaces it
+        body = samples.strip().split("\n", 1)[-1] if samples.startswith("# ") else samples.strip()
+        lines += ["## Sample reports (generated beside the reference)", "", body.replace("\n## ", "\n### ").strip(), ""]
 
     gen = read_json(latest(run, "generate") / "report.json")
     if gen:

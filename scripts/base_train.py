@@ -11,7 +11,7 @@ step is divided by the number of real target tokens in the whole global batch (k
 every rank draws the same global batches), so neither accumulation nor world size changes the gradient.
 
 Hardware-aware defaults: on CUDA a full config (depth 8, 256 sequences per step, bf16, torch.compile,
-2 epochs); on CPU a small one (depth 4, 32 sequences per step, 600 steps) that turns the synthetic
+2 epochs); on CPU a small one (depth 4, 32 sequences per step, 300 steps) that turns the synthetic
 dataset into a useful report writer in a few minutes on 2 cores. Any flag given overrides its default.
 
 Outputs in run_dir (made under --run-dir, never overwriting an earlier run): config.json, train.csv,
@@ -47,7 +47,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
 HARDWARE_DEFAULTS = {
     "cuda": dict(depth=8, total_batch_size=256, device_batch_size=64, epochs=2.0, num_steps=None, eval_every=250,
                  eval_studies=4096),
-    "cpu": dict(depth=4, total_batch_size=32, device_batch_size=32, epochs=None, num_steps=600, eval_every=100,
+    "cpu": dict(depth=4, total_batch_size=32, device_batch_size=32, epochs=None, num_steps=300, eval_every=50,
                 eval_studies=256),
 }
 TRAIN_FIELDS = ["step", "loss", "lr", "lr_mult", "tokens_per_sec", "padding_fraction", "mfu", "elapsed_s"]

@@ -11,7 +11,7 @@ bytes/token of the trained tokenizer re-encoding its own training corpus; "token
 tokens for the same text than ours.
 
 nanochat's rustbpe (PyPI `rustbpe`) has the same module name as ours, so it runs in its own interpreter:
-    uv venv /tmp/nanorbpe && VIRTUAL_ENV=/tmp/nanorbpe uv pip install rustbpe tiktoken
+    uv venv /tmp/nanorbpe && uv pip install --python /tmp/nanorbpe/bin/python rustbpe tiktoken
 """
 
 import argparse
@@ -117,12 +117,14 @@ def bench_nanochat(python, docs, vocab_size, pattern, repeats) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.json"
         corpus.write_text(json.dumps(docs))
+        # run from the temp dir: `python -c` puts the working directory first on sys.path, and this repository's
+        # rustbpe/ source folder would shadow the installed nanochat package
         proc = subprocess.run([python, "-c", NANOCHAT_SCRIPT, str(corpus), str(vocab_size), pattern, str(repeats)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, cwd=tmp)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"error: nanochat's rustbpe failed in {python}: {last}\n"
-                         f"(install it there with: VIRTUAL_ENV=<venv> uv pip install rustbpe tiktoken)")
+                         f"(install it there with: uv pip install --python {python} rustbpe tiktoken)")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

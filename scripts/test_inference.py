@@ -138,7 +138,7 @@ def markdown_tables(table: pd.DataFrame, summaries: dict) -> str:
         r = rows[("model", t)]
         prevalence = f"{r['positives'] / r['n']:.3f}" if r["n"] else "N/A"
         cells = [fmt_ci(rows[(s, t)], m) for s, m in cols] if r["status"] == "ok" else [r["status"]] * len(cols)
-        lines.append(f"| {t} | {r['n']} | {r['positives']} | {prevalence} | " + " | ".join(cells) + " |")
+        lines.append(f"| {t} | {r['n']} | {r['positives']:.0f} | {prevalence} | " + " | ".join(cells) + " |")
     lines += ["", "| trait | system | n | dropped | R^2 | MAE |", "|---|---|---|---|---|---|"]
     for t in CONTINUOUS_TRAITS:
         for s in SYSTEMS:
