@@ -117,3 +117,16 @@ def test_a_failing_step_stops_the_run_and_keeps_finished_steps(tmp_path):
     check(again)
     new_dir = Path((tmp_path / "runs" / "LATEST").read_text().strip())
     assert new_dir != run_dir and run_dir.is_dir() and (new_dir / "steps" / "prepare_dataset.done").is_file()
+
+
+def test_a_dataset_of_your_own_is_used_as_is(run, tmp_path):
+    _, run_dir, _, _ = run
+    mine = Path((run_dir / "dataset").read_text().strip())
+    before = {p.name: p.stat().st_mtime_ns for p in mine.iterdir()}
+    proc = speedrun(tmp_path, ECHOVLM_DATASET=str(mine), ECHOVLM_STOP_AFTER="tok_train", ECHOVLM_SOURCE="echoprime")
+    check(proc)
+    new_dir = Path((tmp_path / "runs" / "LATEST").read_text().strip())
+    assert (new_dir / "source").read_text().strip() == "own"
+    assert Path((new_dir / "dataset").read_text().strip()) == mine
+    assert "PreparedDataset(" in proc.stdout and "up to date" in proc.stdout  # checked, tokenizer reused
+    assert {p.name: p.stat().st_mtime_ns for p in mine.iterdir()} == before  # nothing rewritten
