@@ -212,15 +212,17 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def estimate_flops(self) -> float:
-        """Training FLOPs per token (forward + backward) at full sequence_len context.
+    def estimate_flops(self, context_len: float | None = None) -> float:
+        """Training FLOPs per token (forward + backward) in sequences of context_len positions (default: the
+        full sequence_len).
 
         6 per parameter per token for the matmuls (token embedding lookups excluded: they are gathers),
-        plus 12 * layers * width * T for the attention scores and weighted sums (Chinchilla/nanochat).
+        plus 12 * layers * width * T for the attention scores and weighted sums (Chinchilla/nanochat). Length-
+        grouped batches are shorter than sequence_len, so MFU passes the batches' real length as T.
         """
         c = self.config
         matmul_params = self.num_params() - self.wte.weight.numel()
-        return 6.0 * matmul_params + 12.0 * c.n_layer * c.n_embd * c.sequence_len
+        return 6.0 * matmul_params + 12.0 * c.n_layer * c.n_embd * (context_len or c.sequence_len)
 
     def setup_optimizers(self, matrix_lr=0.02, embedding_lr=0.2, projector_lr=0.02, unembedding_lr=0.004,
                          weight_decay=0.0, betas=(0.8, 0.95)):

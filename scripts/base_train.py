@@ -309,7 +309,6 @@ def train(args, ddp, rank, world, device):
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
                 else nullcontext())
     token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(device)
-    flops_per_token = model.estimate_flops()
     peak = peak_flops(device) * world
 
     ckpt_dir = run_dir / "checkpoints"
@@ -333,7 +332,7 @@ def train(args, ddp, rank, world, device):
 
     elapsed = train_rows[-1]["elapsed_s"] if train_rows else 0.0
     real_tokens, positions, padding = 0, 0, 0
-    timed_tokens, timed_seconds, timed_steps = 0, 0.0, 0
+    timed_tokens, timed_flops, timed_seconds, timed_steps = 0, 0.0, 0.0, 0
     step = start_step
     while True:
         last = step == args.num_steps
@@ -391,12 +390,15 @@ def train(args, ddp, rank, world, device):
         real_tokens += global_targets
         positions += step_pos
         padding += step_pad
+        # FLOPs of the real tokens at the length the batches really had (padded positions are not work done)
+        step_flops = global_targets * model.estimate_flops(step_pos / args.total_batch_size)
         if step > start_step + 1:  # the first step pays for compilation and warm-up
             timed_tokens += global_targets
+            timed_flops += step_flops
             timed_seconds += dt
             timed_steps += 1
         tok_per_s = global_targets / dt
-        mfu = flops_per_token * tok_per_s / peak
+        mfu = step_flops / dt / peak
         if rank == 0:
             # lr: the Muon lr of the transformer matrices; the AdamW groups follow the same multiplier
             train_rows.append({"step": step, "loss": step_loss, "lr": optimizers[1].param_groups[0]["lr"],
@@ -418,7 +420,7 @@ def train(args, ddp, rank, world, device):
         tps = timed_tokens / timed_seconds if timed_seconds else (real_tokens / elapsed if elapsed else float("nan"))
         summary = {
             "steps": args.num_steps, "train_seconds": elapsed, "tokens_per_sec": tps,
-            "mfu": flops_per_token * tps / peak, "peak_flops": peak, "final_val_bpb": val_rows[-1]["val_bpb"],
+            "mfu": timed_flops / timed_seconds / peak if timed_seconds else float("nan"), "peak_flops": peak, "final_val_bpb": val_rows[-1]["val_bpb"],
             "best_val_bpb": best_bpb, "final_val_loss": val_rows[-1]["val_loss"], "params": model.num_params(),
             "peak_memory_mb": peak_memory_mb(device), "padding_fraction": padding / positions if positions else None,
             "world_size": world, "device": str(device),

@@ -117,8 +117,10 @@ def bench_row(targs, device, warmup_steps: int, steps: int) -> dict:
             padding += loader.global_stats["padding"]
     seconds = time.perf_counter() - t0
     tps = tokens / seconds
+    # attention FLOPs at the batches' real length, as base_train counts them
+    flops_per_token = model.estimate_flops(positions / (steps * targs.total_batch_size))
     return {"tokens_per_sec": tps, "padding_fraction": padding / positions,
-           "mfu": model.estimate_flops() * tps / base_train.peak_flops(device),
+           "mfu": flops_per_token * tps / base_train.peak_flops(device),
            "peak_memory_mb": base_train.peak_memory_mb(device),
            "studies_per_sec": steps * targs.total_batch_size / seconds,
            "params": model.num_params(), "config": config, "accum": loader.accum, "train_studies": len(loader.split)}
