@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", help="prepared dataset directory (tokenizer in DATASET/tokenizer)")
     p.add_argument("--resume", help="run directory of a killed run: continue it from checkpoints/last.pt with the "
-                                    "settings in its config.json (other flags are ignored)")
+                                    "settings in its config.json (other flags are ignored); on several nodes it "
+                                    "must be on a filesystem that every node sees")
     p.add_argument("--depth", type=int, help="model size knob: width 64*depth (default: 8 on CUDA, 4 on CPU)")
     p.add_argument("--sequence-len", type=int, help="positions per sequence (default: the longest train study, "
                                                     "prefix + <|bos|> + report, rounded up to 32, at most 1024)")
@@ -220,7 +221,7 @@ def setup_run(args, rank, ddp):
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").is_file():
             raise SystemExit(f"base_train: {run_dir} has no config.json; --resume takes a run directory that "
-                             "base_train made")
+                             "base_train made (on several nodes, one on a filesystem that every node sees)")
         ckpt_path = run_dir / "checkpoints" / "last.pt"
         if not ckpt_path.is_file():
             raise SystemExit(f"base_train: {ckpt_path} does not exist (the run stopped before its first "
