@@ -33,7 +33,7 @@ FRESH=${ECHOVLM_FRESH:-0}
 for arg in "$@"; do
   case "$arg" in
     --fresh) FRESH=1 ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "speedrun.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
