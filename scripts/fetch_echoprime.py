@@ -74,18 +74,27 @@ def clone_pinned(dest: Path, repo_url: str, commit: str):
     partial.rename(dest)
 
 
+BAR = "=" * 78
+
+
+def print_terms():
+    print(BAR)
+    print("EchoPrime licence: the code and model data are for ACADEMIC, NON-COMMERCIAL use only and may NOT be")
+    print("redistributed. echovlm downloads them onto this machine for you; by continuing you accept the terms")
+    print("(the full text follows once the repository is cloned).")
+    print(BAR)
+
+
 def print_licence(dest: Path):
+    """The full licence text, from the clone itself, before the release assets are downloaded."""
     files = sorted(dest.glob("LICEN[CS]E*"))
-    bar = "=" * 78
-    print(bar)
-    print("EchoPrime licence: the model data is for ACADEMIC, NON-COMMERCIAL use only and may NOT be")
-    print("redistributed. echovlm downloads it onto this machine for you; by continuing you accept its terms.")
+    print(BAR)
     if files:
         print(f"--- {files[0]} ---")
         print(files[0].read_text(errors="replace").strip())
     else:
         print(f"(no LICENSE file found in {dest}: read the terms on the EchoPrime project page)")
-    print(bar)
+    print(BAR)
 
 
 def download(url: str, out: Path, timeout: float = 60.0, chunk: int = 1 << 20):
@@ -186,6 +195,7 @@ def verify(dest: Path) -> dict:
 
 
 def fetch(dest: Path, repo_url=REPO_URL, commit=PINNED_COMMIT, release_url=RELEASE_URL) -> dict:
+    print_terms()
     clone_pinned(dest, repo_url, commit)
     print_licence(dest)
     downloads = dest / "downloads"

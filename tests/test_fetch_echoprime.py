@@ -129,7 +129,9 @@ def test_offline_exit_code(tmp_path, capsys):
     args = ["--dest", str(tmp_path / "EP"), "--repo-url", "http://127.0.0.1:9/EchoPrime.git",
             "--release-url", "http://127.0.0.1:9"]
     assert fe.main(args) == fe.OFFLINE_EXIT
-    assert "network unreachable" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "network unreachable" in captured.err
+    assert "ACADEMIC, NON-COMMERCIAL" in captured.out  # the terms come before anything is fetched
 
 
 def test_check_reports_missing_files(tmp_path, capsys):
