@@ -60,9 +60,10 @@ VIEW_CLASSES = ["A2C", "A3C", "A4C", "A5C", "Apical_Doppler", "Doppler_Parastern
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 VIDEO_SUFFIXES = {".avi", ".mp4"}
-# a grey level that changes by more than this (std over frames, 0-255 scale) is live image, not overlay;
-# above JPEG re-encoding noise on static text, far below the frame-to-frame change of speckle
-MOTION_THRESHOLD = 2.0
+# a grey level that changes by more than this (std over frames, 0-255 scale) is live image, not overlay.
+# Low on purpose: the dim far field at the fan's edges (grey ~1-10) moves by little more than 1, and at 2.0
+# a real echo lost a quarter of its fan; the opening below removes the JPEG noise that gets through on text
+MOTION_THRESHOLD = 1.0
 MIN_SECTOR_FRACTION = 0.01  # a "sector" smaller than 1% of the frame means we found no image at all
 RELEASE_HINT = ("it comes from the EchoPrime v1.0.0 release asset model_data.zip "
                 "(https://github.com/echonet/EchoPrime/releases/tag/v1.0.0); "

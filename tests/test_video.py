@@ -135,6 +135,10 @@ def test_pydicom_ultrasound_example_preprocesses():
     assert clip[:, 14].abs().sum() > 0 and (clip[:, 15] == 0).all()
     # outside the fan (top-left corner of the crop), everything is blanked to exact black
     assert torch.equal(clip[:, :15, :15, :15], BLANK.view(3, 1, 1, 1).expand(3, 15, 15, 15))
+    # the dim far field at the fan's lower corners (grey levels ~1-10) is still sector: a mask that only keeps
+    # the bright speckle covers ~28% of this frame, the whole fan ~38%
+    frames = video.read_frames(path)
+    assert video.sector_mask(frames).mean() > 0.35
 
 
 def test_palette_colour_dicom():
