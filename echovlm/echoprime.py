@@ -20,7 +20,6 @@ import json
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -174,7 +173,7 @@ class EchoPrimeRelease:
         self.parts = [_load_tensor(f) for f in self.files[3:]]
         dims = {t.shape[1] for t in self.parts}
         if len(dims) != 1:
-            raise EchoPrimeError(f"the embedding files disagree on width: "
+            raise EchoPrimeError("the embedding files disagree on width: "
                                  + ", ".join(f"{f.name} {tuple(t.shape)}" for f, t in zip(self.files[3:], self.parts)))
         self.embed_dim = dims.pop()
         rows = sum(len(t) for t in self.parts)

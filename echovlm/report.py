@@ -101,7 +101,7 @@ def build_card(run: Path, wall_seconds: int | None = None, gpu_hourly_usd: float
         lines += ["- tok_stats.json missing"]
     tok_eval = run / "tok_eval"
     for png in sorted(tok_eval.glob("*.png")):
-        lines += [f"", f"![tokenizer sweep]({png.relative_to(run)})"]
+        lines += ["", f"![tokenizer sweep]({png.relative_to(run)})"]
     lines += [""]
 
     model_dir = run / "model"

@@ -22,7 +22,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -30,7 +29,6 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 

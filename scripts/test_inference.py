@@ -38,11 +38,11 @@ import pandas as pd
 import torch
 
 from echovlm.checkpoint import load_model
-from echovlm.clinical import (BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS, extract_labels, label_arrays,
-                              load_echoprime_rules, score_traits)
+from echovlm.clinical import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS, extract_labels, load_echoprime_rules
 from echovlm.common import atomic_write_bytes, atomic_write_json, atomic_write_text, autodetect_device, new_run_dir, print0
 from echovlm.dataset import open_dataset
 from echovlm.engine import Engine
+from echovlm.scoring import label_arrays, score_traits
 
 SYSTEMS = ("model", "prior", "retrieval", "knn50")
 PRIOR_KIND = "the embeddings of another test study (seeded shuffle, none keeps its own)"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from echovlm.clinical import (BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS, _weighted_auroc, binary_auroc, extract_labels,
-                              label_arrays, load_echoprime_rules, regression_metrics, score_traits, sentences)
+from echovlm.clinical import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS, extract_labels, load_echoprime_rules, sentences
+from echovlm.scoring import _weighted_auroc, binary_auroc, label_arrays, regression_metrics, score_traits
 
 EF, PASP = "ejection_fraction", "pulmonary_artery_pressure_continuous"
 
