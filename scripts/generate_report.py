@@ -37,6 +37,7 @@ from echovlm.clinical import SECTIONS, TRAITS, extract_labels
 from echovlm.common import atomic_write_json, atomic_write_text, autodetect_device, new_run_dir, print0
 from echovlm.dataset import open_dataset
 from echovlm.engine import Engine
+from echovlm.retrieval import nearest_training_studies
 
 # whitespace before a "Section:" header that does not start its own line (a model may drop a newline)
 SECTION_BREAK = re.compile(r"[ \t]+(?=(?:" + "|".join(re.escape(s) for s in SECTIONS) + r")\s*:)")
@@ -68,26 +69,6 @@ def study_rows(ds, split: str, i: int) -> np.ndarray:
     """The (k, D) float32 embeddings of study i of a split, without reading the whole split."""
     emb, offsets = ds.embedding_block(split)
     return np.asarray(emb[offsets[i]:offsets[i + 1]], dtype=np.float32)
-
-
-def nearest_train_study(ds, query: np.ndarray, device) -> tuple[int, float]:
-    """Cosine nearest neighbour over the training studies (mean of each study's embeddings), in chunks."""
-    emb, offsets = ds.embedding_block("train")
-    q = torch.from_numpy(l2norm(query.astype(np.float32))).to(device)
-    best_sim, best_idx, chunk = -2.0, -1, 65536
-    counts = np.diff(offsets)
-    for start in range(0, len(counts), chunk):
-        stop = min(start + chunk, len(counts))
-        rows = torch.from_numpy(np.asarray(emb[offsets[start]:offsets[stop]], dtype=np.float32)).to(device)
-        owner = torch.repeat_interleave(torch.arange(stop - start, device=device),
-                                        torch.from_numpy(counts[start:stop]).to(device))
-        means = torch.zeros(stop - start, rows.shape[1], device=device).index_add_(0, owner, rows)
-        means = torch.nn.functional.normalize(means, dim=1)
-        sims = means @ q
-        s, i = sims.max(0)
-        if s.item() > best_sim:
-            best_sim, best_idx = s.item(), start + i.item()
-    return best_idx, best_sim
 
 
 def study_from_videos(args, device):
@@ -200,7 +181,8 @@ def main(argv=None):
         if ds is None:
             prefix = query[None]
         else:
-            idx, sim = nearest_train_study(ds, query, device)
+            nearest, cosine = nearest_training_studies(ds, torch.from_numpy(query[None]).float().to(device), 1, device)
+            idx, sim = int(nearest[0, 0]), float(cosine[0, 0])
             prefix = study_rows(ds, "train", idx)
             snapped = {"train_study": ds.studies("train")[idx], "cosine": round(sim, 4)}
             print0(f"conditioning: snapped to training study {snapped['train_study']} (cosine {sim:.3f})")

@@ -11,7 +11,8 @@ import torch
 from echovlm.clinical import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS
 from echovlm.dataset import open_dataset
 from scripts.prepare_dataset import main as prepare_main
-from scripts.test_inference import from_neighbours, from_reports, nearest_training_studies
+from echovlm.retrieval import nearest_training_studies
+from scripts.test_inference import from_neighbours, from_reports
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,11 @@ def test_nearest_training_studies_is_brute_force_cosine(dataset):
     expected = np.argsort(-(test @ train.T), axis=1, kind="stable")[:, :7]
     query = torch.nn.functional.normalize(torch.from_numpy(test).float(), dim=1)
     # a chunk far smaller than the split, so that the running top-k is merged across many chunks
-    got = nearest_training_studies(dataset, query, 7, torch.device("cpu"), chunk=97)
+    got, cosines = nearest_training_studies(dataset, query, 7, torch.device("cpu"), chunk=97)
     assert got.shape == (len(test), 7)
     assert (got == expected).mean() > 0.99  # float32 vs float64 may swap a near-tie
     assert (got[:, 0] == expected[:, 0]).all()
+    np.testing.assert_allclose(cosines[:, 0], (test @ train.T).max(1), rtol=1e-4)
 
 
 def test_from_reports_scores_the_fraction_of_samples_stating_a_finding():
