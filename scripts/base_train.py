@@ -231,6 +231,30 @@ def setup_run(args, rank, ddp):
     return Path(name[0]), None
 
 
+def train_step(train_model, ddp_model, model, optimizers, batches, global_targets: int, autocast, world: int):
+    """One optimisation step over this rank's micro batches of the global batch; returns their summed loss.
+
+    ddp_model: the DistributedDataParallel wrapper (None without DDP), whose no_sync() skips the all-reduce of
+    every micro batch but the last. scripts.bench_train times this very function.
+    """
+    loss_sum = torch.zeros((), device=batches[0].ids.device)
+    for a, b in enumerate(batches):
+        sync = nullcontext() if ddp_model is None or a == len(batches) - 1 else ddp_model.no_sync()
+        with sync, autocast:
+            loss = train_model(b.ids, b.prefix, b.prefix_mask, b.targets, loss_reduction="sum")
+        # DDP averages gradients over ranks: x world makes the result the global-batch token mean
+        (loss * (world / global_targets)).backward()
+        loss_sum += loss.detach()
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def make_autocast(device, dtype: str):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
 def setup_training(args, device, rank: int, world: int):
     """Tokenizer, train/val splits, loader, model and optimizers for complete args (defaults applied).
 
@@ -298,15 +322,14 @@ def train(args, ddp, rank, world, device):
         best_bpb = ckpt["meta"].get("best_val_bpb", float("inf"))
         last_bpb = ckpt["meta"].get("val_bpb", float("nan"))
         print0(f"resuming {run_dir} at step {start_step}")
+    ddp_model = None  # the DDP wrapper: its no_sync() lives there, not on the compiled module
     train_model = model
     if ddp:
-        train_model = torch.nn.parallel.DistributedDataParallel(
+        ddp_model = train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    ddp_model = train_model  # no_sync() lives here
     if args.compile:
         train_model = torch.compile(train_model)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
-                else nullcontext())
+    autocast = make_autocast(device, args.dtype)
     token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(device)
     peak = peak_flops(device) * world
 
@@ -357,24 +380,13 @@ def train(args, ddp, rank, world, device):
         t0 = time.perf_counter()
         batches = loader.next()
         global_targets = loader.global_stats["targets"]
-        loss_sum = torch.zeros((), device=device)
         lrm = lr_multiplier(step, args.num_steps, args.warmup_frac, args.warmdown_frac, args.final_lr_frac)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lrm
         for group in optimizers[1].param_groups:
             group["momentum"] = muon_momentum(step)
-        for a, b in enumerate(batches):
-            # DDP all-reduces gradients only after the last micro batch
-            sync = nullcontext() if not ddp or a == accum - 1 else ddp_model.no_sync()
-            with sync, autocast:
-                loss = train_model(b.ids, b.prefix, b.prefix_mask, b.targets, loss_reduction="sum")
-            # DDP averages gradients over ranks: x world makes the result the global-batch token mean
-            (loss * (world / global_targets)).backward()
-            loss_sum += loss.detach()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        loss_sum = train_step(train_model, ddp_model, model, optimizers, batches, global_targets, autocast, world)
         step_loss = all_reduce_sum([loss_sum.item()], device)[0] / global_targets
         dt = time.perf_counter() - t0
         step += 1

@@ -89,8 +89,7 @@ def bench_row(targs, device, warmup_steps: int, steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     *_, loader, config, model, optimizers = base_train.setup_training(targs, device, rank=0, world=1)
     train_model = torch.compile(model) if targs.compile else model
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if targs.dtype == "bf16"
-                else nullcontext())
+    autocast = base_train.make_autocast(device, targs.dtype)
     tokens = positions = padding = 0
     for step in range(warmup_steps + steps):
         if step == warmup_steps:
@@ -98,15 +97,7 @@ def bench_row(targs, device, warmup_steps: int, steps: int) -> dict:
         # base_train's step at a constant lr: the schedule costs nothing next to the model
         batches = loader.next()
         global_targets = loader.global_stats["targets"]
-        loss_sum = torch.zeros((), device=device)
-        for b in batches:
-            with autocast:
-                loss = train_model(b.ids, b.prefix, b.prefix_mask, b.targets, loss_reduction="sum")
-            (loss / global_targets).backward()
-            loss_sum += loss.detach()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        loss_sum = base_train.train_step(train_model, None, model, optimizers, batches, global_targets, autocast, 1)
         # base_train reads the loss every step too; it waits for the device, so wall time is device time
         loss_value = loss_sum.item() / global_targets
         if not math.isfinite(loss_value):
