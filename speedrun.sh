@@ -119,6 +119,7 @@ fi
 # ---------------------------------------------------------------- data source
 if [[ ! -f "$RUN/source" && -n "${ECHOVLM_DATASET:-}" ]]; then
   echo "own" > "$RUN/source"
+  echo "$ECHOVLM_DATASET" > "$RUN/dataset"  # remembered: a resumed run needs no env var to find it
 elif [[ ! -f "$RUN/source" ]]; then
   chosen=synthetic
   if [[ "$SOURCE" == echoprime || "$SOURCE" == auto ]]; then
@@ -144,16 +145,20 @@ elif [[ ! -f "$RUN/source" ]]; then
   echo "$chosen" > "$RUN/source"
 fi
 CHOSEN=$(cat "$RUN/source")
-if [[ "$CHOSEN" == own ]]; then
-  DATASET="$ECHOVLM_DATASET"
-elif [[ "$CHOSEN" == echoprime ]]; then
-  DATASET="$DATA/echoprime"
-  PREP=(--source echoprime --echoprime-dir "$ECHOPRIME_DIR")
+if [[ "$CHOSEN" == own ]]; then  # only checked: it is yours, and never rewritten
+  DATASET=$(cat "$RUN/dataset")
+  PREPARE=("${PY[@]}" -c "import sys; from echovlm.dataset import open_dataset; print(open_dataset(sys.argv[1]))" "$DATASET")
 else
-  DATASET="$DATA/synthetic_n${N_STUDIES}_s${SEED}"
-  PREP=(--source synthetic --n-studies "$N_STUDIES" --seed "$SEED")
+  if [[ "$CHOSEN" == echoprime ]]; then
+    DATASET="$DATA/echoprime"
+    PREP=(--source echoprime --echoprime-dir "$ECHOPRIME_DIR")
+  else
+    DATASET="$DATA/synthetic_n${N_STUDIES}_s${SEED}"
+    PREP=(--source synthetic --n-studies "$N_STUDIES" --seed "$SEED")
+  fi
+  PREPARE=("${PY[@]}" -m scripts.prepare_dataset "${PREP[@]}" --out "$DATASET")
+  echo "$DATASET" > "$RUN/dataset"
 fi
-echo "$DATASET" > "$RUN/dataset"
 
 # ---------------------------------------------------------------- the pipeline
 TRAIN_ARGS=(--dataset "$DATASET" --run-dir "$RUN" --run-name model --seed "$SEED")
@@ -187,11 +192,7 @@ else
   GEN_ARGS+=(--study 0)
 fi
 
-if [[ "$CHOSEN" == own ]]; then  # only checked: it is yours, and never rewritten
-  step prepare_dataset "${PY[@]}" -c "import sys; from echovlm.dataset import open_dataset; print(open_dataset(sys.argv[1]))" "$DATASET"
-else
-  step prepare_dataset "${PY[@]}" -m scripts.prepare_dataset "${PREP[@]}" --out "$DATASET"
-fi
+step prepare_dataset "${PREPARE[@]}"
 step tok_train       "${PY[@]}" -m scripts.tok_train --dataset "$DATASET" --vocab-size "$VOCAB_SIZE"
 step tok_eval        "${PY[@]}" -m scripts.tok_eval --dataset "$DATASET" --out "$RUN/tok_eval"
 step base_train      "${TRAIN[@]}" "${TRAIN_ARGS[@]}"

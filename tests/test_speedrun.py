@@ -130,3 +130,8 @@ def test_a_dataset_of_your_own_is_used_as_is(run, tmp_path):
     assert Path((new_dir / "dataset").read_text().strip()) == mine
     assert "PreparedDataset(" in proc.stdout and "up to date" in proc.stdout  # checked, tokenizer reused
     assert {p.name: p.stat().st_mtime_ns for p in mine.iterdir()} == before  # nothing rewritten
+    # resumed without the env var: the run remembers its dataset
+    again = speedrun(tmp_path, ECHOVLM_STOP_AFTER="tok_eval")
+    check(again)
+    assert "step tok_eval: done in" in again.stdout
+    assert Path((new_dir / "dataset").read_text().strip()) == mine
