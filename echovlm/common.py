@@ -3,8 +3,10 @@
 import json
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -24,6 +26,15 @@ def print0(*args, **kwargs):
     """print on rank 0 only, so N workers do not print N copies of every line."""
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+def fail(script: str, message: str, code: int = 2) -> NoReturn:
+    """The one way a script stops: one line on stderr, exit 2 for bad usage or input, 1 for a failure while running.
+
+    Callers say what was wrong and what to do; no traceback reaches the user for a fault that is theirs.
+    """
+    print(f"{script}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 def autodetect_device(preferred: str = "auto") -> str:
