@@ -3,8 +3,10 @@
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
@@ -97,6 +99,65 @@ def new_run_dir(base: str | os.PathLike, name: str) -> Path:
     raise RuntimeError(f"could not find a free run directory name under {base}")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only read by setting)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_as_created(path: str | os.PathLike, directory: bool = False):
+    """Give a mkstemp/mkdtemp result the mode a plain open()/mkdir() would have had (0666/0777 less the umask).
+
+    mkstemp and mkdtemp create 0600/0700 whatever the umask, and a rename keeps the mode: without this a team
+    sharing data/ or runs/ could not read each other's files.
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def make_temp_dir(beside: str | os.PathLike, tag: str) -> Path:
+    """An empty directory `.NAME.TAG-XXXX` next to `beside`, mode as mkdir would give it: build there, then
+    rename into place with replace_dir."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=beside.parent, prefix=f".{beside.name}.{tag}-"))
+    chmod_as_created(tmp, directory=True)
+    return tmp
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike, ours: Iterable[str]):
+    """Move the complete directory `tmp` to `out` (one rename: a reader sees the old directory or the new one).
+
+    An existing `out` is renamed aside first; whatever in it is not one of the file names `ours` (a later
+    step's output, a user's file) is then moved into the new directory, and only our old files are deleted.
+    A crash between those renames leaves the old directory whole in `.OUT.old-XXXX` beside `out`.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    os.rmdir(old)
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    ours = set(ours)
+    for entry in sorted(old.iterdir()):
+        if entry.name not in ours:
+            os.rename(entry, out / entry.name)
+    shutil.rmtree(old)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes):
     """Write to a temp file in the same directory, then rename: readers never see half a file."""
     path = Path(path)
@@ -107,6 +168,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        chmod_as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -129,6 +191,7 @@ def atomic_torch_save(obj, path: str | os.PathLike):
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        chmod_as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -42,3 +42,41 @@ def test_device_and_single_process_init(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU"):
             common.autodetect_device("cuda")
+
+
+@pytest.fixture(params=[0o022, 0o002], ids=["umask022", "umask002"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_atomic_writes_and_temp_dirs_respect_the_umask(tmp_path, umask):
+    # mkstemp/mkdtemp make 0600/0700 whatever the umask, and the rename keeps it: a shared data/ was unreadable
+    common.atomic_write_json(tmp_path / "x.json", {"a": 1})
+    common.atomic_torch_save({"w": torch.ones(2)}, tmp_path / "ck.pt")
+    d = common.make_temp_dir(tmp_path / "ds", "partial")
+    assert common.current_umask() == umask
+    assert oct(os.stat(tmp_path / "x.json").st_mode & 0o777) == oct(0o666 & ~umask)
+    assert oct(os.stat(tmp_path / "ck.pt").st_mode & 0o777) == oct(0o666 & ~umask)
+    assert oct(os.stat(d).st_mode & 0o777) == oct(0o777 & ~umask) and d.name.startswith(".ds.partial-")
+
+
+def test_replace_dir_keeps_what_it_did_not_write(tmp_path):
+    out, new = tmp_path / "out", tmp_path / "new"
+    out.mkdir()
+    new.mkdir()
+    for name, text in (("a.txt", "old a"), ("b.txt", "old b"), ("notes.txt", "mine")):
+        (out / name).write_text(text)
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer" / "t.json").write_text("later step")
+    (new / "a.txt").write_text("new a")
+    common.replace_dir(new, out, ours=["a.txt", "b.txt"])
+    assert sorted(os.listdir(out)) == ["a.txt", "notes.txt", "tokenizer"]  # old b.txt was ours: gone
+    assert (out / "a.txt").read_text() == "new a" and (out / "notes.txt").read_text() == "mine"
+    assert (out / "tokenizer" / "t.json").read_text() == "later step"
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # nothing left aside
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    common.replace_dir(fresh, tmp_path / "target", ours=[])
+    assert sorted(os.listdir(tmp_path)) == ["out", "target"]
