@@ -7,11 +7,11 @@ baseline measured in the same run.
 Rows: "grouped" is base_train's set-up as it trains (length-grouped batches); the baseline is the very same
 config with plain random batches (--no-length-grouping: more padding), and "vs baseline" is the ratio of real
 tokens/s. --compare-compile adds the grouped config with torch.compile switched the other way. Each row builds a
-fresh model and optimizers through base_train.setup_training, runs --warmup-steps untimed steps (allocator,
-kernels, compilation), then times --steps full optimisation steps (all micro batches + optimizer). The last
-column projects one epoch of --project-studies studies (default: the EchoPrime release) from the measured
+fresh model and optimizers through echovlm.train.setup_training (base_train's own set-up), runs --warmup-steps
+untimed steps (allocator, kernels, compilation), then times --steps full optimisation steps (all micro batches +
+optimizer). The last column projects one epoch of --project-studies studies (default: the EchoPrime release) from the measured
 studies/s, so it is as good as the dataset's report lengths are like the release's.
-MFU uses base_train's FLOPs-per-token estimate and peak-FLOPs table (n/a where the peak is unknown, e.g. CPU).
+MFU uses the model's FLOPs-per-token estimate and echovlm.train's peak-FLOPs table (n/a where the peak is unknown, e.g. CPU).
 Peak memory is torch.cuda.max_memory_allocated per row on CUDA; on CPU it is the process's peak RSS so far.
 The rows run one after the other, so on a shared machine (a CPU others are using) the tokens/s ratio carries
 that load's noise; the padding fractions do not.
@@ -19,6 +19,7 @@ that load's noise; the padding fractions do not.
 
 import argparse
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +27,9 @@ from contextlib import nullcontext
 
 import torch
 
-from echovlm.common import autodetect_device, print0, seed_everything
-from scripts import base_train, prepare_dataset, tok_train
+from echovlm.common import autodetect_device, fail, print0, seed_everything
+from echovlm.train import (OPTIM_DEFAULTS, apply_hardware_defaults, make_autocast, peak_flops, peak_memory_mb,
+                           setup_training, train_step)
 
 ECHOPRIME_STUDIES = 1_230_676
 # bench-only defaults; batch sizes (and the CUDA depth) are base_train's hardware defaults
@@ -65,21 +67,21 @@ def parse_args(argv=None):
 
 def make_synthetic_dataset(out: str, n_studies: int, seed: int):
     print0(f"no --dataset: making a synthetic one with {n_studies:,} studies in {out}")
-    prepare_dataset.main(["--source", "synthetic", "--n-studies", str(n_studies), "--seed", str(seed), "--out", out])
-    tok_train.main(["--dataset", out])
+    # the pipeline's own CLIs, as a user would run them (a script never imports another script)
+    for argv in (["scripts.prepare_dataset", "--source", "synthetic", "--n-studies", str(n_studies), "--seed",
+                  str(seed), "--out", out], ["scripts.tok_train", "--dataset", out]):
+        if subprocess.run([sys.executable, "-m", *argv]).returncode != 0:
+            fail("bench_train", f"`python -m {' '.join(argv)}` failed (its message is above)", 1)
 
 
 def train_args(args, device, length_grouping: bool, compile_: bool | None):
-    """base_train's own flags and hardware defaults for one row, so the row trains as base_train would."""
-    argv = ["--dataset", args.dataset, "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed),
-            "--num-steps", str(args.warmup_steps + args.steps)]
-    for flag in ("depth", "total_batch_size", "device_batch_size"):
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if compile_ is not None:
-        argv.append("--compile" if compile_ else "--no-compile")
-    targs = base_train.parse_args(argv + ([] if length_grouping else ["--no-length-grouping"]))
-    base_train.apply_defaults(targs, device.type, world=1)
+    """base_train's settings and hardware defaults for one row, so the row trains as base_train would."""
+    targs = argparse.Namespace(
+        dataset=args.dataset, dtype=args.dtype, seed=args.seed, num_steps=args.warmup_steps + args.steps, epochs=None,
+        depth=args.depth, total_batch_size=args.total_batch_size, device_batch_size=args.device_batch_size,
+        sequence_len=None, compile=compile_, length_grouping=length_grouping, eval_every=None, eval_studies=None,
+        **OPTIM_DEFAULTS)
+    apply_hardware_defaults(targs, device.type, world=1)
     return targs
 
 
@@ -87,9 +89,9 @@ def bench_row(targs, device, warmup_steps: int, steps: int) -> dict:
     seed_everything(targs.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    *_, loader, config, model, optimizers = base_train.setup_training(targs, device, rank=0, world=1)
+    *_, loader, config, model, optimizers = setup_training(targs, device, rank=0, world=1)
     train_model = torch.compile(model) if targs.compile else model
-    autocast = base_train.make_autocast(device, targs.dtype)
+    autocast = make_autocast(device, targs.dtype)
     tokens = positions = padding = 0
     for step in range(warmup_steps + steps):
         if step == warmup_steps:
@@ -97,11 +99,11 @@ def bench_row(targs, device, warmup_steps: int, steps: int) -> dict:
         # base_train's step at a constant lr: the schedule costs nothing next to the model
         batches = loader.next()
         global_targets = loader.global_stats["targets"]
-        loss_sum = base_train.train_step(train_model, None, model, optimizers, batches, global_targets, autocast, 1)
+        loss_sum = train_step(train_model, None, model, optimizers, batches, global_targets, autocast, 1)
         # base_train reads the loss every step too; it waits for the device, so wall time is device time
         loss_value = loss_sum.item() / global_targets
         if not math.isfinite(loss_value):
-            raise SystemExit(f"bench_train: the loss became {loss_value} at step {step}; the set-up is broken")
+            fail("bench_train", f"the loss became {loss_value} at step {step}; the set-up is broken", 1)
         if step >= warmup_steps:
             tokens += global_targets
             positions += loader.global_stats["positions"]
@@ -111,8 +113,8 @@ def bench_row(targs, device, warmup_steps: int, steps: int) -> dict:
     # attention FLOPs at the batches' real length, as base_train counts them
     flops_per_token = model.estimate_flops(positions / (steps * targs.total_batch_size))
     return {"tokens_per_sec": tps, "padding_fraction": padding / positions,
-           "mfu": flops_per_token * tps / base_train.peak_flops(device),
-           "peak_memory_mb": base_train.peak_memory_mb(device),
+           "mfu": flops_per_token * tps / peak_flops(device),
+           "peak_memory_mb": peak_memory_mb(device),
            "studies_per_sec": steps * targs.total_batch_size / seconds,
            "params": model.num_params(), "config": config, "accum": loader.accum, "train_studies": len(loader.split)}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from echovlm.engine import KVCache
-from echovlm.gpt import GPT, GPTConfig, Muon
+from echovlm.gpt import GPT, GPTConfig
+from echovlm.optim import Muon
 from echovlm.loader import collate
 
 BOS, EOS, PAD = 20, 21, 22

@@ -18,6 +18,7 @@ import torch
 
 from echovlm.checkpoint import load_model, read_checkpoint
 from echovlm.dataset import open_dataset
+from echovlm.gpt import GPT
 from echovlm.loader import DeviceSplit, TrainLoader
 from echovlm.tokenizer import Tokenizer
 from scripts import base_train, prepare_dataset, tok_train
@@ -211,7 +212,7 @@ def test_two_gloo_processes_match_one_process_with_accumulation(full_run, datase
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch, capsys):
-    real_forward = base_train.GPT.forward
+    real_forward = GPT.forward
     calls = {"n": 0}
 
     def nan_from_step_6(self, *args, **kwargs):
@@ -222,7 +223,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tm
                 out = out * float("nan")
         return out
 
-    monkeypatch.setattr(base_train.GPT, "forward", nan_from_step_6)
+    monkeypatch.setattr(GPT, "forward", nan_from_step_6)
     assert base_train.main(train_flags(dataset, tmp_path, "nan", steps=12)) == 1
     out = capsys.readouterr().out
     assert "became nan at step 6" in out and "last val bpb" in out
@@ -252,7 +253,10 @@ def test_load_model_errors_are_clear(full_run, tmp_path):
         load_model(mismatched, "cpu")
 
 
-def test_resume_refuses_a_run_without_checkpoint(tmp_path):
+def test_resume_refuses_a_run_without_checkpoint(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match="before its first checkpoint"):
+    with pytest.raises(SystemExit) as stop:
         base_train.main(["--resume", str(tmp_path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("base_train: ") and "before its first checkpoint" in err and "\n" not in err
