@@ -264,19 +264,25 @@ def load_clip(path, mask: bool | None = None) -> torch.Tensor:
     return preprocess(read_frames(path, None if mask else FRAMES_TAKEN), mask)
 
 
-def load_study(paths, mask: bool | None = None, progress: bool = False):
+def load_study(paths, mask: bool | None = None, progress: bool = False, on_file=None):
     """Clips of all usable videos of one study.
 
     Returns (clips (N, 3, 16, 224, 224), kept paths, skipped [(path, reason)]). Raises VideoError, listing
-    every file's reason, when no file is a usable video.
+    every file's reason, when no file is a usable video. on_file(done, total, path, reason or None) is called
+    after each file (a page showing progress uses it).
     """
     clips, kept, skipped = [], [], []
-    for path in tqdm(list(paths), desc="reading videos", unit="file", disable=not progress):
+    paths = list(paths)
+    for i, path in enumerate(tqdm(paths, desc="reading videos", unit="file", disable=not progress)):
+        reason = None
         try:
             clips.append(load_clip(path, mask))
             kept.append(Path(path))
         except VideoError as e:
-            skipped.append((Path(path), str(e)))
+            reason = str(e)
+            skipped.append((Path(path), reason))
+        if on_file is not None:
+            on_file(i + 1, len(paths), Path(path), reason)
     if not clips:
         reasons = "; ".join(f"{p}: {r}" for p, r in skipped) or "no files given"
         raise VideoError(f"no usable echo video in this study ({reasons})")
@@ -369,8 +375,13 @@ def encode_clips(encoder: torch.nn.Module, clips: torch.Tensor, batch_size: int 
     return _batched(encoder, clips, batch_size, device)
 
 
+def view_probabilities(view_model: torch.nn.Module, clips: torch.Tensor, batch_size: int = 32, device="cpu") -> torch.Tensor:
+    """(N, len(VIEW_CLASSES)) softmax of the view classifier, from each clip's first (normalised) frame."""
+    _check_clips(clips)
+    return _batched(view_model, clips[:, :, 0], batch_size, device).softmax(dim=1)
+
+
 def classify_views(view_model: torch.nn.Module, clips: torch.Tensor, batch_size: int = 32, device="cpu") -> list[str]:
     """One VIEW_CLASSES name per clip, from the clip's first (normalised) frame."""
-    _check_clips(clips)
-    logits = _batched(view_model, clips[:, :, 0], batch_size, device)
-    return [VIEW_CLASSES[i] for i in logits.argmax(dim=1).tolist()]
+    probs = view_probabilities(view_model, clips, batch_size, device)
+    return [VIEW_CLASSES[i] for i in probs.argmax(dim=1).tolist()]

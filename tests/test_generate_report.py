@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from echovlm import video
+from echovlm import study_report, video
+from echovlm.checkpoint import load_model
 from echovlm.clinical import TRAITS, extract_labels
 from echovlm.dataset import open_dataset
 from echovlm.engine import Engine
@@ -22,7 +23,7 @@ from echovlm.tokenizer import Tokenizer
 from scripts import base_train, generate_report, prepare_dataset, tok_train
 
 SNAP_TARGET = 5  # the training study whose embedding the stand-in encoder returns
-JSON_KEYS = {"report", "findings", "videos", "skipped", "conditioning", "snapped_to", "reference_report",
+JSON_KEYS = {"report", "findings", "videos", "skipped", "conditioning", "snapped_to", "reference_report", "warnings",
              "provenance", "seconds"}
 
 
@@ -40,15 +41,24 @@ def run(tmp_path_factory):
 
 
 def generate(run_dir, *args):
-    return generate_report.main([*map(str, args), "--run", str(run_dir), "--max-tokens", "24", "--device", "cpu"])
+    # the test's flags last, so they override these defaults
+    return generate_report.main(["--run", str(run_dir), "--max-tokens", "24", "--device", "cpu", *map(str, args)])
 
 
 def error_of(run_dir, *args) -> str:
+    """The one line a bad input ends in: on stderr, exit status 2, no traceback."""
     with pytest.raises(SystemExit) as e:
         generate(run_dir, *args)
-    message = str(e.value.code)
-    assert message.startswith("generate_report: ") and "\n" not in message
+    assert e.value.code == 2
+    err = error_of.capsys.readouterr().err
+    message = err.rstrip("\n").split("\n")[-1]  # after any progress bar's line
+    assert message.startswith("generate_report: ") and "Traceback" not in err, err
     return message
+
+
+@pytest.fixture(autouse=True)
+def _stderr(capsys):
+    error_of.capsys = capsys
 
 
 @pytest.fixture
@@ -103,7 +113,7 @@ def test_printed_report_has_one_section_per_line(run, monkeypatch, capsys):
     assert lines[:4] == ["Left Ventricle: Normal size.", "Right Ventricle: Normal size.",
                          "Aorta: The aortic root is normal.", ""]
     # a section name inside a sentence, without its colon, is not a header
-    assert generate_report.section_per_line("Aorta: Normal. The Left Ventricle is fine.") == \
+    assert study_report.section_per_line("Aorta: Normal. The Left Ventricle is fine.") == \
         "Aorta: Normal. The Left Ventricle is fine."
 
 
@@ -217,7 +227,7 @@ def test_video_study(run, tmp_path, study, stand_ins, conditioning, captured_pre
     run_dir, ds = run
     out = tmp_path / "out"
     assert generate(run_dir, study, "--conditioning", conditioning, "--echoprime-dir", tmp_path / "EchoPrime",
-                    "--video-batch", 2, "--out", out) == 0
+                    "--video-batch", 2, "--out", out, "--allow-synthetic-model") == 0
     weights = tmp_path / "EchoPrime" / "model_data" / "weights"
     assert stand_ins["loaded"] == [weights / "echo_prime_encoder.pt", weights / "view_classifier.pt"]
     answers = torch.cat(stand_ins["encoder"].answers).numpy()
@@ -241,8 +251,9 @@ def test_video_study(run, tmp_path, study, stand_ins, conditioning, captured_pre
         train = np.stack([e.mean(0) for e in ds.embeddings("train")])
         sims = train @ query / np.linalg.norm(train, axis=1)
         best = int(sims.argmax())
-        assert result["snapped_to"] == {"train_study": ds.studies("train")[best],
-                                        "cosine": pytest.approx(sims[best], abs=1e-3)}
+        assert result["snapped_to"]["train_study"] == ds.studies("train")[best]
+        assert result["snapped_to"]["cosine"] == pytest.approx(sims[best], abs=1e-3)
+        assert result["snapped_to"]["far"] is False and not any("FAR" in w for w in result["warnings"])
         assert np.array_equal(captured_prefix[0], ds.embeddings("train")[best])
     else:
         assert result["snapped_to"] is None
@@ -252,12 +263,12 @@ def test_video_study(run, tmp_path, study, stand_ins, conditioning, captured_pre
 
 
 def test_missing_or_mismatched_weights(run, tmp_path, study):
-    message = error_of(run[0], study, "--echoprime-dir", tmp_path / "nowhere")
+    message = error_of(run[0], study, "--echoprime-dir", tmp_path / "nowhere", "--allow-synthetic-model")
     assert "echo_prime_encoder.pt" in message and "EchoPrime" in message and "--echoprime-dir" in message
     weights = tmp_path / "EchoPrime" / "model_data" / "weights"
     weights.mkdir(parents=True)
     torch.save({"head.weight": torch.zeros(3)}, weights / "echo_prime_encoder.pt")
-    message = error_of(run[0], study, "--echoprime-dir", tmp_path / "EchoPrime")
+    message = error_of(run[0], study, "--echoprime-dir", tmp_path / "EchoPrime", "--allow-synthetic-model")
     assert "echo_prime_encoder.pt does not fit" in message
 
 
@@ -265,8 +276,70 @@ def test_study_without_videos(run, tmp_path, stand_ins):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no videos here")
-    assert "no DICOM/AVI/MP4 files found" in error_of(run[0], empty)
+    allow = "--allow-synthetic-model"
+    assert "no DICOM/AVI/MP4 files found" in error_of(run[0], empty, allow)
     write_video(empty / "still.mp4", 1, 0)
-    message = error_of(run[0], empty)
+    message = error_of(run[0], empty, allow)
     assert "no usable echo video" in message and "still.mp4" in message
-    assert "no such file or folder" in error_of(run[0], tmp_path / "missing")
+    assert "no such file or folder" in error_of(run[0], tmp_path / "missing", allow)
+
+
+# ------------------------------------------------------------------------------------------------ issue 13
+def test_synthetic_model_refuses_videos_unless_allowed(run, tmp_path, study, stand_ins, capsys):
+    message = error_of(run[0], study, "--echoprime-dir", tmp_path / "EchoPrime")
+    assert "not trained on EchoPrime video embeddings" in message and "'synthetic'" in message
+    assert "--allow-synthetic-model" in message
+    assert stand_ins["loaded"] == []  # refused before any weights were read or video decoded
+    out = tmp_path / "out"
+    assert generate(run[0], study, "--echoprime-dir", tmp_path / "EchoPrime", "--allow-synthetic-model",
+                    "--out", out) == 0
+    result = json.loads((out / "report.json").read_text())
+    assert result["warnings"][0].startswith("NOT A REPORT ABOUT THESE VIDEOS")
+    md = (out / "report.md").read_text().splitlines()
+    assert md[0] == "# echovlm report" and "NOT A REPORT ABOUT THESE VIDEOS" in md[2]
+    assert "WARNING: NOT A REPORT ABOUT THESE VIDEOS" in capsys.readouterr().out
+
+
+def test_far_snap_says_so(run, tmp_path, study, stand_ins, monkeypatch, capsys):
+    # an encoder answering a random direction: as far from the synthetic studies as a real echo is
+    far = np.random.default_rng(3).standard_normal(512)
+    monkeypatch.setattr(video, "build_encoder", lambda path: StandIn(far, np.zeros(512)))
+    out = tmp_path / "out"
+    assert generate(run[0], study, "--echoprime-dir", tmp_path / "EchoPrime", "--allow-synthetic-model",
+                    "--out", out) == 0
+    result = json.loads((out / "report.json").read_text())
+    snapped = result["snapped_to"]
+    assert snapped["far"] is True and snapped["cosine"] < snapped["far_threshold"]
+    # the bar: the 1st percentile of the val studies' own nearest-training-study cosines
+    ds = run[1]
+    train = np.stack([e.mean(0) for e in ds.embeddings("train")])
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    val = np.stack([e.mean(0) for e in ds.embeddings("val")])
+    val /= np.linalg.norm(val, axis=1, keepdims=True)
+    assert snapped["far_threshold"] == pytest.approx(np.percentile((val @ train.T).max(1), 1), abs=1e-3)
+    assert any(w.startswith("FAR FROM THE TRAINING DATA") for w in result["warnings"])
+    assert "FAR FROM THE TRAINING DATA" in (out / "report.md").read_text()
+    assert "WARNING: FAR FROM THE TRAINING DATA" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ issue 13 item 14
+@pytest.mark.parametrize("flags, expected", [
+    (["--max-tokens", "-5"], "--max-tokens must be >= 1"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["--temperature", "nan"], "--temperature must be a number >= 0"),
+    (["--temperature", "-1"], "--temperature must be a number >= 0"),
+    (["--top-k", "0"], "--top-k must be >= 1"),
+])
+def test_bad_generation_flags(run, flags, expected):
+    assert expected in error_of(run[0], "--study", 0, *flags)
+
+
+def test_embedding_with_too_many_rows(run, tmp_path):
+    # as many rows as the sequence holds: no room for <|bos|> and a report (the message blamed max_tokens=None)
+    rows = load_model(run[0], "cpu")[0].config.sequence_len - 1
+    np.save(tmp_path / "e.npy", np.ones((rows, 512), np.float32))
+    message = error_of(run[0], "--embedding", tmp_path / "e.npy")
+    assert f"{rows} embedding rows" in message and "None" not in message
+    np.save(tmp_path / "e.npy", np.ones((1, 512), np.float32))
+    message = error_of(run[0], "--embedding", tmp_path / "e.npy", "--max-tokens", "100000")
+    assert "--max-tokens 100000 does not fit" in message
