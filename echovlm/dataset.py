@@ -8,13 +8,13 @@
 
 Rows are grouped by split so that a split's embeddings are one contiguous slice of the memmap. No pickles:
 everything is readable without running code from the file. A dataset is written into a temporary directory
-beside its target and renamed into place only when complete, so a reader never sees half of one.
+beside its target and renamed into place only when complete, so a reader never sees half of one; replacing
+a dataset (--force) replaces only these files, never what a later step (a tokenizer) or a user put beside them.
 """
 
 import json
 import os
 import shutil
-import tempfile
 import time
 from hashlib import sha256
 from itertools import islice
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from echovlm.common import make_temp_dir, replace_dir
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -44,19 +46,28 @@ class PreparedDataset:
         if "meta.json" in missing and len(missing) == len(FILES):
             raise ValueError(f"{self.path} is not a prepared dataset (none of {', '.join(FILES)} is there); "
                              f"point to the directory that scripts.prepare_dataset wrote")
+        recreate = f"re-create it with `python -m scripts.prepare_dataset ... --out {self.path} --force`"
         if missing:
-            raise ValueError(f"prepared dataset {self.path} is incomplete, missing {', '.join(missing)}; "
-                             f"re-create it with `python -m scripts.prepare_dataset ... --out {self.path} --force`")
-        self.meta = json.loads((self.path / "meta.json").read_text())
+            raise ValueError(f"prepared dataset {self.path} is incomplete, missing {', '.join(missing)}; {recreate}")
+        try:
+            self.meta = json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self.path / 'meta.json'} is not valid JSON (truncated or edited: {e}); {recreate}") from None
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"{self.path / 'meta.json'} holds a {type(self.meta).__name__}, not our meta; {recreate}")
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{self.path} has dataset format {self.meta.get('format_version')!r}, this code reads "
-                             f"format {FORMAT_VERSION}; re-create it with scripts.prepare_dataset --force")
-        manifest = pd.read_csv(self.path / "manifest.csv", dtype=str, keep_default_na=False)
-        self._studies = manifest["study"].tolist()
-        self._patients = manifest["patient"].tolist()
-        split = manifest["split"].to_numpy()
-        self._emb = np.load(self.path / "embeddings.npy", mmap_mode="r")
-        self._offsets = np.load(self.path / "offsets.npy")
+                             f"format {FORMAT_VERSION}; {recreate}")
+        try:
+            manifest = pd.read_csv(self.path / "manifest.csv", dtype=str, keep_default_na=False)
+            self._studies = manifest["study"].tolist()
+            self._patients = manifest["patient"].tolist()
+            split = manifest["split"].to_numpy()
+        except (ValueError, KeyError, pd.errors.ParserError) as e:
+            raise ValueError(f"{self.path / 'manifest.csv'} cannot be read as study,split,patient rows ({e}); "
+                             f"{recreate}") from None
+        self._emb = _load_npy(self.path / "embeddings.npy", recreate, mmap_mode="r")
+        self._offsets = _load_npy(self.path / "offsets.npy", recreate)
         # the split ranges are derived from the manifest and then checked against everything else
         self._range, start = {}, 0
         for name in SPLITS:
@@ -70,12 +81,12 @@ class PreparedDataset:
         problems = []
         if start != n:
             problems.append(f"manifest has {n - start} rows with a split other than {'/'.join(SPLITS)}")
+        if self._emb.ndim != 2 or self._emb.shape[1] == 0:
+            problems.append(f"embeddings.npy has shape {self._emb.shape}, expected (rows, dim)")
         if self._offsets.shape != (n + 1,) or self._offsets[0] != 0 or (np.diff(self._offsets) < 1).any():
             problems.append(f"offsets.npy has shape {self._offsets.shape} or is not increasing; expected ({n + 1},)")
-        elif self._offsets[-1] != len(self._emb):
+        elif self._emb.ndim == 2 and self._offsets[-1] != len(self._emb):
             problems.append(f"offsets.npy ends at row {self._offsets[-1]} but embeddings.npy has {len(self._emb)} rows")
-        if self._emb.ndim != 2:
-            problems.append(f"embeddings.npy has shape {self._emb.shape}, expected (rows, dim)")
         counts = {name: b - a for name, (a, b) in self._range.items()}
         if self.meta.get("counts") != counts:
             problems.append(f"meta.json counts {self.meta.get('counts')} disagree with manifest.csv {counts}")
@@ -103,10 +114,17 @@ class PreparedDataset:
     def reports(self, split: str) -> list[str]:
         a, b = self._split(split)
         out = []
-        with open(self.path / "reports.jsonl", encoding="utf-8") as f:
+        with open(self.path / "reports.jsonl", "rb") as f:
             for i, line in enumerate(islice(f, a, b), start=a):
-                rec = json.loads(line)
-                if rec["study"] != self._studies[i]:
+                try:
+                    rec = json.loads(line)
+                    ok = isinstance(rec, dict) and isinstance(rec.get("report"), str)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    ok = False
+                if not ok:
+                    raise ValueError(f"{self.path}/reports.jsonl line {i + 1} is not a {{\"study\", \"report\"}} "
+                                     f"record (truncated or edited); re-create the dataset with --force")
+                if rec.get("study") != self._studies[i]:
                     raise ValueError(f"{self.path}/reports.jsonl line {i + 1} is study {rec['study']!r}, manifest.csv "
                                      f"says {self._studies[i]!r}; re-create the dataset with --force")
                 out.append(rec["report"])
@@ -131,8 +149,37 @@ class PreparedDataset:
         return f"PreparedDataset({str(self.path)!r}: {counts}; dim {self.embed_dim})"
 
 
+def _load_npy(path: Path, recreate: str, mmap_mode=None) -> np.ndarray:
+    """np.load that names the file when it is truncated, empty or not a plain array."""
+    try:
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise ValueError(f"{path} cannot be read as a .npy array (truncated or damaged: {e}); {recreate}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
+        array.close()
+        raise ValueError(f"{path} is an .npz archive, not a .npy array; {recreate}")
+    return array
+
+
 def open_dataset(path: str | os.PathLike) -> PreparedDataset:
     return PreparedDataset(path)
+
+
+def runs_trained_on(dataset: str | os.PathLike, runs: str | os.PathLike) -> list[Path]:
+    """Run directories under `runs` (RUN/config.json or RUN/model/config.json, as base_train and speedrun write
+    them) whose recorded dataset is `dataset`. Best effort: an unreadable config is skipped."""
+    target, runs = Path(dataset).resolve(), Path(runs)
+    if not runs.is_dir():
+        return []
+    found = []
+    for config in sorted([*runs.glob("*/config.json"), *runs.glob("*/*/config.json")]):
+        try:
+            recorded = json.loads(config.read_text()).get("dataset")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(recorded, str) and recorded and Path(recorded).resolve() == target:
+            found.append(config.parent)
+    return found
 
 
 # ------------------------------------------------------------------------------------------------ splitting
@@ -249,8 +296,7 @@ class DatasetWriter:
         np.cumsum(self.rows[self.order], out=self.offsets[1:])
         self.first_row = self.offsets[self.position]
         self.embed_dim = embed_dim
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.partial-"))
+        self.tmp = make_temp_dir(self.out, "partial")
         self.emb = np.lib.format.open_memmap(self.tmp / "embeddings.npy", mode="w+", dtype=np.float16,
                                              shape=(int(self.offsets[-1]), embed_dim))
         self.parts = [open(self.tmp / f"reports.{name}.jsonl", "w", encoding="utf-8") for name in SPLITS]
@@ -328,20 +374,5 @@ class DatasetWriter:
         meta = {**meta, "format_version": FORMAT_VERSION, "counts": counts, "rows": rows, "embed_dim": self.embed_dim,
                 "embedding_dtype": "float16", "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        self._move_into_place()
+        replace_dir(self.tmp, self.out, FILES)
         return open_dataset(self.out)
-
-    def _move_into_place(self):
-        old = None
-        if self.out.exists():
-            old = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.old-"))
-            os.rmdir(old)
-            os.rename(self.out, old)
-        try:
-            os.rename(self.tmp, self.out)
-        except BaseException:
-            if old is not None:
-                os.rename(old, self.out)
-            raise
-        if old is not None:
-            shutil.rmtree(old)
