@@ -7,10 +7,14 @@ Ids: 0..255 are the single bytes, then one id per merge in the order learned, th
 text "<|eos|>" is encoded as the bytes of that text.
 
 `read_corpus` reads a plain corpus file (.txt, one document per line, or .jsonl) for the scripts.
+`tokenizer_dir(dataset, vocab_size)` is where a dataset's tokenizer of that size lives, `check_tokens_current`
+refuses token files made from other reports than the dataset holds now.
 
 On disk (a directory, no pickle):
     tokenizer.tiktoken  one "<base64 token bytes> <rank>" line per ordinary token (tiktoken's own format)
     tokenizer.json      format marker and version, split pattern, special token ids, sha256 of the ranks file
+    tok_stats.json      (tok_train) settings, checksum of the reports it was trained on, compression numbers
+    {split}_tokens.npy, {split}_offsets.npy   (tok_train --dataset) every split's reports, encoded
 """
 
 import base64
@@ -31,6 +35,66 @@ FORMAT = "echovlm-tokenizer"
 FORMAT_VERSION = 1
 RANKS_FILE = "tokenizer.tiktoken"
 CONFIG_FILE = "tokenizer.json"
+STATS_FILE = "tok_stats.json"
+LEGACY_DIR = "tokenizer"  # <dataset>/tokenizer, whatever its size, before directories were keyed by size
+
+
+class StaleTokensError(ValueError):
+    pass
+
+
+def tokenizer_dir(dataset: str | os.PathLike, vocab_size: int) -> Path:
+    """Where tok_train writes, and base_train reads, a dataset's tokenizer of `vocab_size` tokens.
+
+    One directory per size (<dataset>/tokenizer_v2000, ...), so training another size never touches a tokenizer
+    that models point at. A <dataset>/tokenizer written before this layout keeps serving the size it was made
+    for: runs trained on it, and their resumes, find it where they left it.
+    """
+    dataset = Path(dataset)
+    try:
+        stats = json.loads((dataset / LEGACY_DIR / STATS_FILE).read_text())
+        if stats["settings"]["vocab_size"] == vocab_size:
+            return dataset / LEGACY_DIR
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return dataset / f"tokenizer_v{vocab_size}"
+
+
+def input_checksum(texts: dict[str, list[str]], settings: dict) -> str:
+    """sha256 of the settings and every split's documents in order: what tok_train's outputs are a function of."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for split, docs in texts.items():
+        h.update(f"\0split {split} {len(docs)}\0".encode())
+        for doc in docs:
+            h.update(doc.encode("utf-8", errors="surrogatepass"))
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def check_tokens_current(dataset, tok_dir: str | os.PathLike, splits=("train", "val", "test")):
+    """Raise StaleTokensError unless tok_dir's token files were encoded from the reports `dataset` (an open
+    PreparedDataset) holds now, in the same order; FileNotFoundError if tok_train never finished there.
+
+    tok_stats.json keeps the checksum of the reports and settings it was made from; the reports are read
+    again and hashed the same way (a few seconds for the 1.2M-study release), so an edited, reordered or
+    re-prepared reports.jsonl is caught before a model trains on tokens that no longer match it.
+    """
+    tok_dir = Path(tok_dir)
+    retrain = f"`python -m scripts.tok_train --dataset {dataset.path} --out {tok_dir} --force`"
+    try:
+        stats = json.loads((tok_dir / STATS_FILE).read_text())
+        settings, recorded = stats["settings"], stats["input_sha256"]
+        retrain = retrain.replace(" --out", f" --vocab-size {int(settings['vocab_size'])} --out")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{tok_dir / STATS_FILE} is missing: tok_train never finished in {tok_dir}; "
+                                f"run `python -m scripts.tok_train --dataset {dataset.path}`") from None
+    except (ValueError, KeyError, TypeError):
+        raise StaleTokensError(f"{tok_dir / STATS_FILE} is damaged (no settings or input checksum), so its tokens "
+                               f"cannot be checked against {dataset.path}; re-encode with {retrain}") from None
+    if input_checksum({s: dataset.reports(s) for s in splits}, settings) != recorded:
+        raise StaleTokensError(f"the tokens in {tok_dir} were made from other reports than {dataset.path}/reports.jsonl "
+                               f"holds now (edited, reordered or re-prepared after tok_train); re-encode them with "
+                               f"{retrain}, or restore the reports they were made from")
 
 
 def read_corpus(path: str | os.PathLike) -> list[str]:

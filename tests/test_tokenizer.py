@@ -1,12 +1,22 @@
 """echovlm.tokenizer (rustbpe training + tiktoken encoding, save/load) and the tok_train / tok_eval scripts."""
 
 import json
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from echovlm.tokenizer import CONFIG_FILE, RANKS_FILE, Tokenizer, read_corpus
+from echovlm.tokenizer import (CONFIG_FILE, RANKS_FILE, StaleTokensError, Tokenizer, check_tokens_current,
+                               read_corpus, tokenizer_dir)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SECTIONS = ["Left Ventricle", "Right Ventricle", "Mitral Valve", "Aortic Valve", "Pericardium"]
 FINDINGS = ["Normal size and function.", "Mildly dilated.", "LVEF 55-60%.", "Moderate regurgitation.",
@@ -128,11 +138,13 @@ def test_tok_train_input_reruns_and_force(tmp_path, capsys):
     capsys.readouterr()
     tok_train.main(["--input", corpus, "--out", str(out), "--vocab-size", "350"])
     assert "up to date" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--force"):
-        tok_train.main(["--input", corpus, "--out", str(out), "--vocab-size", "300"])
+    (out / "tok_eval.json").write_text("{}")  # another step's output in the directory
+    assert "--force" in tok_refused(capsys, ["--input", corpus, "--out", str(out), "--vocab-size", "300"])
     assert Tokenizer.load(out).vocab_size == 350  # refused: nothing was touched
     tok_train.main(["--input", corpus, "--out", str(out), "--vocab-size", "300", "--force"])
     assert Tokenizer.load(out).vocab_size == 300
+    assert sorted(os.listdir(out)) == ["tok_eval.json", "tok_stats.json", "tokenizer.json", "tokenizer.tiktoken"]
+    assert sorted(os.listdir(tmp_path)) == ["r.jsonl", "tok"]  # no partial or old directories left
 
 
 def test_tok_train_dataset_writes_token_arrays(tmp_path, monkeypatch):
@@ -146,7 +158,7 @@ def test_tok_train_dataset_writes_token_arrays(tmp_path, monkeypatch):
 
     monkeypatch.setattr("echovlm.dataset.open_dataset", lambda path: FakeDataset())
     tok_train.main(["--dataset", str(tmp_path), "--vocab-size", "320"])
-    out = tmp_path / "tokenizer"
+    out = tmp_path / "tokenizer_v320"
     tok = Tokenizer.load(out)
     for split, reports in splits.items():
         tokens, offsets = np.load(out / f"{split}_tokens.npy"), np.load(out / f"{split}_offsets.npy")
@@ -197,3 +209,143 @@ def test_bench_tokenizer_runs_on_a_small_corpus(tmp_path, capsys):
     ours, hf = rows["ours (rustbpe)"], rows["HF tokenizers"]
     assert ours[2] == hf[2] == "300"  # vocab
     assert float(ours[-1]) == 1.0 and 0.9 < float(hf[-1]) < 1.1  # same algorithm: about the same compression
+
+
+# ---------------------------------------------------------------------------------------------- tok_train reliability
+def tok_refused(capsys, argv, code=2) -> str:
+    """tok_train's one stderr line for argv, checking it stopped with `code` (2 bad input, 1 a failure)."""
+    from scripts import tok_train
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tok_train.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == code and len(lines) == 1 and lines[0].startswith("tok_train: "), lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A small real prepared dataset (synthetic) with a trained tokenizer of 300 tokens."""
+    from scripts import prepare_dataset, tok_train
+
+    out = tmp_path_factory.mktemp("data") / "syn"
+    assert prepare_dataset.main(["--source", "synthetic", "--n-studies", "120", "--embed-dim", "8",
+                                 "--out", str(out)]) == 0
+    assert tok_train.main(["--dataset", str(out), "--vocab-size", "300"]) == 0
+    return out
+
+
+def copy_dataset(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_tokenizer_dir_is_keyed_by_vocab_size_and_keeps_a_legacy_one(tmp_path, dataset, capsys):
+    from scripts import tok_train
+
+    first = tokenizer_dir(dataset, 300)
+    assert first == dataset / "tokenizer_v300" and Tokenizer.load(first).vocab_size == 300
+    before = {f: os.stat(first / f).st_mtime_ns for f in os.listdir(first)}
+    # another size next to it (VOCAB_SIZE=4000 after a default run failed here): the first is not touched
+    assert tok_train.main(["--dataset", str(dataset), "--vocab-size", "320"]) == 0
+    assert Tokenizer.load(tokenizer_dir(dataset, 320)).vocab_size == 320
+    assert {f: os.stat(first / f).st_mtime_ns for f in os.listdir(first)} == before
+    # the same size again is a no-op
+    capsys.readouterr()
+    assert tok_train.main(["--dataset", str(dataset), "--vocab-size", "300"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    # <dataset>/tokenizer from before the keyed layout keeps serving its size (models point at it)
+    legacy = copy_dataset(dataset, tmp_path / "old")
+    (legacy / "tokenizer").mkdir()
+    for f in first.iterdir():
+        (legacy / "tokenizer" / f.name).write_bytes(f.read_bytes())
+    assert tokenizer_dir(legacy, 300) == legacy / "tokenizer"
+    assert tokenizer_dir(legacy, 4000) == legacy / "tokenizer_v4000"
+
+
+@pytest.mark.slow
+def test_tok_train_killed_after_tokenizer_json_reruns(tmp_path, dataset):
+    """A real SIGKILL to a real tok_train right after tokenizer.json is written: the rerun must succeed."""
+    from scripts import tok_train
+
+    ds = copy_dataset(dataset, tmp_path / "ds")
+    saved = tmp_path / "saved"
+    # tok_train as a subprocess whose Tokenizer.save announces itself and then waits to be killed
+    code = (f"import sys, time, pathlib\nsys.path.insert(0, {str(ROOT)!r})\nfrom echovlm import tokenizer\n"
+            f"orig = tokenizer.Tokenizer.save\n"
+            f"def save(self, d, **kw):\n    orig(self, d, **kw)\n    pathlib.Path({str(saved)!r}).write_text(str(d))\n"
+            f"    time.sleep(120)\n"
+            f"tokenizer.Tokenizer.save = save\nfrom scripts import tok_train\n"
+            f"tok_train.main(['--dataset', {str(ds)!r}, '--vocab-size', '300'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    try:
+        deadline = time.time() + 60
+        while not saved.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert saved.exists(), "tok_train never reached Tokenizer.save"
+        assert (Path(saved.read_text()) / "tokenizer.json").is_file()
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = tokenizer_dir(ds, 300)
+    assert not out.exists()  # nothing half-written where readers look
+    assert tok_train.main(["--dataset", str(ds), "--vocab-size", "300"]) == 0  # the same command again
+    assert Tokenizer.load(out).vocab_size == 300 and (out / "tok_stats.json").is_file()
+    assert (out / "test_offsets.npy").is_file()
+
+
+def test_check_tokens_current_catches_edited_reports(tmp_path, dataset):
+    from echovlm.dataset import open_dataset
+
+    ds = copy_dataset(dataset, tmp_path / "ds")
+    (ds / "tokenizer_v300").mkdir()
+    for f in (dataset / "tokenizer_v300").iterdir():
+        (ds / "tokenizer_v300" / f.name).write_bytes(f.read_bytes())
+    check_tokens_current(open_dataset(ds), ds / "tokenizer_v300")  # fresh: no error
+    lines = (ds / "reports.jsonl").read_text(encoding="utf-8").splitlines()
+    rec = json.loads(lines[-1])
+    rec["report"] = rec["report"].replace("Left", "Right", 1) + " Edited."
+    lines[-1] = json.dumps(rec)  # a test-split report edited after tok_train
+    (ds / "reports.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(StaleTokensError, match=r"made from other reports than .*reports.jsonl holds now.*--force"):
+        check_tokens_current(open_dataset(ds), ds / "tokenizer_v300")
+    (ds / "tokenizer_v300" / "tok_stats.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tok_train never finished"):
+        check_tokens_current(open_dataset(ds), ds / "tokenizer_v300")
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def reorder(path):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[0], lines[1] = lines[1], lines[0]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: truncate(d / "embeddings.npy"), r"embeddings.npy cannot be read as a .npy array"),
+    (lambda d: truncate(d / "offsets.npy"), r"offsets.npy cannot be read as a .npy array"),
+    (lambda d: truncate(d / "meta.json"), r"meta.json is not valid JSON"),
+    (lambda d: truncate(d / "reports.jsonl", 0.6), r"reports.jsonl (line \d+ is not a|has fewer lines)"),
+    (lambda d: reorder(d / "reports.jsonl"), r"reports.jsonl line 1 is study .*manifest.csv says"),
+])
+def test_tok_train_on_a_damaged_dataset_is_one_line(tmp_path, dataset, capsys, damage, message):
+    ds = copy_dataset(dataset, tmp_path / "ds")
+    damage(ds)
+    assert re.search(message, tok_refused(capsys, ["--dataset", str(ds), "--vocab-size", "300"]))
+    assert sorted(os.listdir(ds)) == sorted(f.name for f in dataset.iterdir() if f.is_file())  # nothing written
+
+
+def test_tok_train_bad_usage_is_one_line(tmp_path, capsys):
+    assert "--vocab-size 100" in tok_refused(capsys, ["--input", "x.jsonl", "--out", str(tmp_path), "--vocab-size", "100"])
+    assert "--out is required" in tok_refused(capsys, ["--input", "x.jsonl"])
+    assert "does not exist" in tok_refused(capsys, ["--input", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "t")])
