@@ -139,14 +139,24 @@ def decode_report(triples, sections: list[str], phrases: list[list[str]], report
 
 
 def _load_tensor(path: Path) -> torch.Tensor:
+    refetch = "delete it and fetch it again"
     try:
         t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
         if "mmap" not in str(e):
-            raise EchoPrimeError(f"{path} cannot be loaded as a tensor file ({e}); delete it and fetch it again") from None
-        t = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file cannot be mapped
-    except pickle.UnpicklingError as e:
-        raise EchoPrimeError(f"{path} is not a plain tensor file ({e}); delete it and fetch it again") from None
+            raise EchoPrimeError(f"{path} cannot be loaded as a tensor file ({e}); {refetch}") from None
+        t = None  # a legacy (non-zip) file cannot be mapped: loaded below, outside this handler
+    except pickle.UnpicklingError:  # torch's message invites weights_only=False, which would run the file's code
+        raise EchoPrimeError(f"{path} is not a plain tensor file (it holds other Python objects, not loaded); "
+                             f"{refetch}") from None
+    if t is None:
+        try:
+            t = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise EchoPrimeError(f"{path} is not a plain tensor file (a legacy-format file holding other Python "
+                                 f"objects, not loaded); {refetch}") from None
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            raise EchoPrimeError(f"{path} is a legacy-format torch file that cannot be loaded ({e}); {refetch}") from None
     if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise EchoPrimeError(f"{path}: expected a 2-D float tensor (studies, dim), found {shape}")
@@ -204,6 +214,10 @@ class EchoPrimeRelease:
             if len(raw) != self.n_studies:
                 raise EchoPrimeError(f"{self.files[2]} holds {len(raw):,} reports but {self.files[1]} lists "
                                      f"{self.n_studies:,} studies: one of them is damaged or from another release")
+            bad = next((i for i, r in enumerate(raw) if isinstance(r, (str, bytes)) or not hasattr(r, "__iter__")), None)
+            if bad is not None:
+                raise EchoPrimeError(f"{self.files[2]}: report {bad} is a {type(raw[bad]).__name__}, not a sequence of "
+                                     f"(section, phrase, value) triples; the file is damaged or not from the release")
             self._reports = raw
         return self._reports
 
