@@ -15,6 +15,7 @@ Training writes run_dir/checkpoints/last.pt (every --save-every steps and at the
 val bpb), each atomically (a crash mid-save leaves the previous file intact).
 """
 
+import pickle
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -66,20 +67,32 @@ def save_checkpoint(path, model: GPT, optimizers, step: int, loader_state: dict,
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:
-    """torch.load(weights_only=True) with errors that say which file is wrong and what to do."""
+    """torch.load(weights_only=True) with one-line errors that say which file is wrong and what to do.
+
+    A file holding pickled classes is refused unread, and torch's hint to re-run it with weights_only=False
+    never reaches the user: for a file we refuse on purpose that advice is the attack."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} was refused unread: it holds pickled Python objects, which an echovlm checkpoint "
+                         "never does (loading it could run code). Use a checkpoint that base_train wrote") from None
     except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        detail = f"{type(e).__name__}" + (f": {first}" if first and "weights_only" not in first else "")
         raise ValueError(f"{path} is not a readable echovlm checkpoint (truncated or corrupt file, or not a torch "
-                         f"checkpoint): {type(e).__name__}: {e}. Use the other checkpoint (best.pt / last.pt) of "
-                         "the run or retrain") from e
+                         f"checkpoint; {detail}). Use the other checkpoint (best.pt / last.pt) of the run or "
+                         "retrain") from None
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION or "model" not in ckpt:
         found = ckpt.get("format_version") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not an echovlm checkpoint of format {FORMAT_VERSION} (found {found!r}); "
                          "it was written by another program or another version of echovlm")
+    wrong = [k for k in ("model", "config", "meta") if not isinstance(ckpt.get(k, {}), dict)]
+    if wrong:
+        raise ValueError(f"{path} is damaged: its {', '.join(wrong)} entry is not a mapping; use the run's other "
+                         "checkpoint or retrain")
     return ckpt
 
 
@@ -87,12 +100,14 @@ def build_model(ckpt: dict, path, device) -> GPT:
     try:
         config = GPTConfig(**ckpt["config"])
     except TypeError as e:
-        raise ValueError(f"{path}: its model config {ckpt['config']} does not fit this version's GPTConfig: {e}") from e
+        raise ValueError(f"{path}: its model config {ckpt['config']} does not fit this version's GPTConfig: {e}") from None
     model = GPT(config)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: the saved weights do not match the model its config describes: {e}") from e
+        detail = " ".join(str(e).split())[:300]  # torch lists every key over several lines; one line suffices
+        raise ValueError(f"{path}: the saved weights do not match the model its config describes ({detail}); "
+                         "the file was edited or damaged, use the run's other checkpoint or retrain") from None
     return model.to(device)
 
 
