@@ -6,11 +6,14 @@ files every run writes. The CLIs parse flags, own the run directory and the loop
 """
 
 import csv
+import json
 import math
 import resource
+import signal
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -18,7 +21,7 @@ from echovlm.common import atomic_write_text
 from echovlm.dataset import open_dataset
 from echovlm.gpt import GPT, GPTConfig
 from echovlm.loader import DeviceSplit, TrainLoader
-from echovlm.tokenizer import Tokenizer
+from echovlm.tokenizer import CONFIG_FILE, STATS_FILE, Tokenizer, check_tokens_current, tokenizer_dir
 
 # dense bf16 peak of the accelerators we know; MFU is left out (nan) elsewhere rather than guessed
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -54,24 +57,34 @@ def apply_hardware_defaults(args, device_type: str, world: int):
         args.compile = device_type == "cuda"
 
 
+class InputError(ValueError):
+    """A training input (dataset, tokenizer, token files, batch sizes) is missing, damaged or does not fit: the
+    message says which file or flag and what to do. The CLIs print it as one line (common.fail, exit 2)."""
+
+
 def setup_training(args, device, rank: int, world: int):
     """Tokenizer, train/val splits, loader, model and optimizers for complete args (defaults applied).
 
-    Fills in args.sequence_len and args.num_steps where they were left to the data. scripts.bench_train
-    builds its runs here too, so it times the very set-up that trains. A missing tokenizer is FileNotFoundError.
+    Fills in args.sequence_len, args.num_steps and args.vocab_size (absent or None: the dataset's only
+    tokenizer) where they were left to the data. scripts.bench_train builds its runs here too, so it times the
+    very set-up that trains. Every input is checked before anything is built or written: a missing, truncated,
+    pickled, stale or mismatched one is an InputError whose message says which and what to do.
     """
-    dataset = open_dataset(args.dataset)
-    tok_dir = Path(args.dataset) / "tokenizer"
-    if not tok_dir.is_dir():
-        raise FileNotFoundError(f"no tokenizer in {tok_dir}: run `python -m scripts.tok_train --dataset "
-                                f"{args.dataset}` first")
-    tokenizer = Tokenizer.load(tok_dir)
-    pad_multiple = 32 if args.compile else 1  # fewer distinct batch shapes for torch.compile to specialise on
-    train_split = DeviceSplit.from_dataset(dataset, "train", tokenizer, args.sequence_len, device, pad_multiple)
-    args.sequence_len = train_split.sequence_len
-    val_split = DeviceSplit.from_dataset(dataset, "val", tokenizer, args.sequence_len, device, pad_multiple)
-    loader = TrainLoader(train_split, args.total_batch_size, args.device_batch_size, rank, world, args.seed,
-                         length_grouping=args.length_grouping)
+    try:
+        dataset = open_dataset(args.dataset)
+        tok_dir = find_tokenizer(dataset.path, getattr(args, "vocab_size", None))
+        args.vocab_size = json.loads((tok_dir / STATS_FILE).read_text())["settings"]["vocab_size"]
+        # the reports hashed again against tok_train's checksum: never train on tokens of edited reports
+        check_tokens_current(dataset, tok_dir)
+        tokenizer = Tokenizer.load(tok_dir)
+        pad_multiple = 32 if args.compile else 1  # fewer distinct batch shapes for torch.compile to specialise on
+        train_split = _device_split(dataset, "train", tok_dir, tokenizer, args.sequence_len, device, pad_multiple)
+        args.sequence_len = train_split.sequence_len
+        val_split = _device_split(dataset, "val", tok_dir, tokenizer, args.sequence_len, device, pad_multiple)
+        loader = TrainLoader(train_split, args.total_batch_size, args.device_batch_size, rank, world, args.seed,
+                             length_grouping=args.length_grouping)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from e
     if args.num_steps is None:
         args.num_steps = max(1, round(args.epochs * loader.batches_per_epoch))
 
@@ -82,6 +95,115 @@ def setup_training(args, device, rank: int, world: int):
                                         projector_lr=args.projector_lr, unembedding_lr=args.unembedding_lr,
                                         weight_decay=args.weight_decay)
     return tok_dir, tokenizer, train_split, val_split, loader, config, model, optimizers
+
+
+def find_tokenizer(dataset_path: Path, vocab_size: int | None) -> Path:
+    """The dataset's tokenizer directory of `vocab_size` (scripts.tok_train's layout), or with None its only one."""
+    train = f"`python -m scripts.tok_train --dataset {dataset_path}"
+    if vocab_size is not None:
+        tok_dir = tokenizer_dir(dataset_path, vocab_size)
+        if not (tok_dir / STATS_FILE).is_file():
+            raise FileNotFoundError(f"no finished tokenizer of vocab size {vocab_size} in {tok_dir}: run "
+                                    f"{train} --vocab-size {vocab_size}` first")
+        return tok_dir
+    found = sorted(d for d in dataset_path.glob("tokenizer*") if (d / CONFIG_FILE).is_file())
+    if not found:
+        raise FileNotFoundError(f"no tokenizer in {dataset_path}: run {train}` first")
+    if len(found) > 1:
+        raise ValueError(f"{dataset_path} holds several tokenizers ({', '.join(d.name for d in found)}); say which "
+                         "one with --vocab-size")
+    if not (found[0] / STATS_FILE).is_file():
+        raise FileNotFoundError(f"{found[0]} has no {STATS_FILE}: tok_train never finished there; run {train}` again")
+    return found[0]
+
+
+def read_split_tokens(tok_dir: Path, split: str, n_studies: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, offsets) of one split as scripts.tok_train wrote them, checked against the dataset's split size
+    and the tokenizer's vocabulary, so a truncated, pickled, swapped or stale file is a clear ValueError."""
+    retrain = f"re-run `python -m scripts.tok_train --dataset {tok_dir.parent} --force`"
+    arrays = []
+    for kind in ("tokens", "offsets"):
+        path = tok_dir / f"{split}_{kind}.npy"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run `python -m scripts.tok_train --dataset {tok_dir.parent}` "
+                                    "to train the tokenizer and encode the reports")
+        try:
+            a = np.load(path, mmap_mode="r" if kind == "tokens" else None, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:
+            raise ValueError(f"{path} cannot be read as a .npy array (truncated, damaged or pickled: {e}); "
+                             f"{retrain}") from None
+        if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu":
+            raise ValueError(f"{path} is not a 1-D integer array (found {getattr(a, 'dtype', type(a).__name__)} "
+                             f"{getattr(a, 'shape', '')}); {retrain}")
+        arrays.append(a)
+    tokens, offsets = arrays
+    if len(offsets) != n_studies + 1:
+        raise ValueError(f"{tok_dir}/{split}_offsets.npy covers {len(offsets) - 1} reports but the dataset's {split} "
+                         f"split has {n_studies} studies (truncated, or files of another split or dataset); {retrain}")
+    if offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] != len(tokens):
+        raise ValueError(f"{tok_dir}/{split}_offsets.npy does not describe {split}_tokens.npy ({len(tokens)} tokens; "
+                         f"offsets from {offsets[0]} to {offsets[-1]}): one of them is truncated or edited; {retrain}")
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"{tok_dir}/{split}_tokens.npy holds token id {int(tokens.max())}, beyond the tokenizer's "
+                         f"{vocab_size} tokens: it was encoded with another tokenizer; {retrain}")
+    return tokens, offsets
+
+
+def _device_split(dataset, split, tok_dir, tokenizer, sequence_len, device, pad_multiple):
+    emb, emb_offsets = dataset.embedding_block(split)
+    tokens, offsets = read_split_tokens(tok_dir, split, len(emb_offsets) - 1, tokenizer.vocab_size)
+    return DeviceSplit(tokens, offsets, emb, emb_offsets, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
+                       sequence_len, device, name=split, pad_multiple=pad_multiple)
+
+
+class StopSignals:
+    """SIGINT/SIGTERM caught while training, so a run stops at the end of a step with its state saved.
+
+        with StopSignals("base_train") as stop:
+            for step in ...:
+                ... one step ...
+                if stop.requested:       # under DDP: all-reduce float(stop.requested) so every rank agrees
+                    save the checkpoint, print how to resume
+                    return stop.exit_code
+
+    The first signal only sets .signum (and says the step will finish and be saved); a second one stops at
+    once without saving (SystemExit with exit_code; the last checkpoint written stays). exit_code is 128 +
+    the signal number, as a shell reports a process killed by it: 130 for SIGINT, 143 for SIGTERM (and 143 on
+    a rank that learned of the stop from another rank). Outside the `with` the previous handlers are back.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, script: str):
+        self.script, self.signum, self._previous = script, None, {}
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            print0(f"{self.script}: {name} again: stopping now without saving (the last checkpoint written is kept)")
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        print0(f"{self.script}: {name}: finishing this step and saving it (send it again to stop at once)")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum or signal.SIGTERM).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)
 
 
 def train_step(train_model, ddp_model, model, optimizers, batches, global_targets: int, autocast, world: int):

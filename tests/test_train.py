@@ -21,6 +21,7 @@ from echovlm.dataset import open_dataset
 from echovlm.gpt import GPT
 from echovlm.loader import DeviceSplit, TrainLoader
 from echovlm.tokenizer import Tokenizer
+from echovlm.train import find_tokenizer, read_split_tokens
 from scripts import base_train, prepare_dataset, tok_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +74,12 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def split(dataset):
-    tok = Tokenizer.load(Path(dataset) / "tokenizer")
-    return DeviceSplit.from_dataset(open_dataset(dataset), "train", tok, None, "cpu")
+    ds = open_dataset(dataset)
+    tok_dir = find_tokenizer(ds.path, None)
+    tok = Tokenizer.load(tok_dir)
+    emb, emb_offsets = ds.embedding_block("train")
+    tokens, offsets = read_split_tokens(tok_dir, "train", len(emb_offsets) - 1, tok.vocab_size)
+    return DeviceSplit(tokens, offsets, emb, emb_offsets, tok.bos_id, tok.eos_id, tok.pad_id, None, "cpu", "train")
 
 
 # ------------------------------------------------------------------------------------------------ loader
