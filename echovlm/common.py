@@ -158,6 +158,19 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike, ours: Iterable[s
     shutil.rmtree(old)
 
 
+def note_leftovers(out: str | os.PathLike, script: str):
+    """Say what an interrupted make_temp_dir/replace_dir left beside `out`. Not deleted here: another run of
+    `script` may be writing its partial directory right now, and an old one may hold a user's files."""
+    out = Path(out)
+    partial = sorted(out.parent.glob(f".{out.name}.partial-*"))
+    if partial:
+        print0(f"note: {', '.join(map(str, partial))} left by an interrupted {script}; delete when none is running")
+    aside = sorted(out.parent.glob(f".{out.name}.old-*"))
+    if aside:
+        print0(f"note: {', '.join(map(str, aside))} holds what {out} held before an interrupted replacement; move "
+               f"back what you need from it, then delete it")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes):
     """Write to a temp file in the same directory, then rename: readers never see half a file."""
     path = Path(path)

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from echovlm import echoprime, synthetic
-from echovlm.common import fail, print0
+from echovlm.common import fail, note_leftovers, print0
 from echovlm.dataset import (FILES, FORMAT_VERSION, SPLITS, DatasetWriter, assign_splits, default_split_sizes,
                              existing_status, fingerprint, runs_trained_on)
 
@@ -244,9 +244,7 @@ def prepare(args) -> int:
     if status == "same":
         print0(f"{out}: already prepared from the same inputs and settings; nothing to do")
         return 0
-    leftovers = sorted(out.parent.glob(f".{out.name}.partial-*"))
-    if leftovers:  # not deleted here: another prepare_dataset may be writing it right now
-        print0(f"note: {', '.join(map(str, leftovers))} left by an interrupted run; delete when no prepare is running")
+    note_leftovers(out, "prepare_dataset")
     split = assign_splits(source.patients, args.seed, val_size, test_size)
     sizes = ", ".join(f"{name} {int((split == k).sum()):,}" for k, name in enumerate(SPLITS))
     print0(f"{source.name}: {n:,} studies ({sizes}; split by {recipe['split']['by']}, seed {args.seed}), "

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from echovlm.common import atomic_write_bytes, atomic_write_json, fail, make_temp_dir, print0, replace_dir
+from echovlm.common import (atomic_write_bytes, atomic_write_json, fail, make_temp_dir, note_leftovers, print0,
+                            replace_dir)
 from echovlm.tokenizer import (CONFIG_FILE, FORMAT_VERSION, RANKS_FILE, STATS_FILE, Tokenizer, input_checksum,
                                read_corpus, tokenizer_dir)
 
@@ -128,9 +129,7 @@ def main(argv=None):
     if up_to_date(out, checksum, outputs, args.force):
         print0(f"{out} is up to date (same reports and settings as before); nothing to do")
         return 0
-    leftovers = sorted(out.parent.glob(f".{out.name}.partial-*"))
-    if leftovers:  # not deleted here: another tok_train may be writing it right now
-        print0(f"note: {', '.join(map(str, leftovers))} left by an interrupted run; delete when no tok_train is running")
+    note_leftovers(out, "tok_train")
 
     tmp = make_temp_dir(out, "partial")
     try:

@@ -268,7 +268,7 @@ def test_tokenizer_dir_is_keyed_by_vocab_size_and_keeps_a_legacy_one(tmp_path, d
 
 
 @pytest.mark.slow
-def test_tok_train_killed_after_tokenizer_json_reruns(tmp_path, dataset):
+def test_tok_train_killed_after_tokenizer_json_reruns(tmp_path, dataset, capsys):
     """A real SIGKILL to a real tok_train right after tokenizer.json is written: the rerun must succeed."""
     from scripts import tok_train
 
@@ -295,7 +295,9 @@ def test_tok_train_killed_after_tokenizer_json_reruns(tmp_path, dataset):
             proc.kill()
     out = tokenizer_dir(ds, 300)
     assert not out.exists()  # nothing half-written where readers look
+    capsys.readouterr()
     assert tok_train.main(["--dataset", str(ds), "--vocab-size", "300"]) == 0  # the same command again
+    assert "left by an interrupted tok_train" in capsys.readouterr().out  # the killed run's partial directory
     assert Tokenizer.load(out).vocab_size == 300 and (out / "tok_stats.json").is_file()
     assert (out / "test_offsets.npy").is_file()
 
