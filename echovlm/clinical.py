@@ -34,32 +34,17 @@ Numbers: the first statement in the report wins, a range gives its midpoint ("55
 stenosis they are the same number, and reports often give only the RVSP), but an explicit PA systolic
 pressure is preferred. "40 + CVP mmHg" reads as 40, the stated number, as EchoPrime's rules read it.
 
-load_echoprime_rules() reads EchoPrime's own phrase list from the user's checkout instead, for numbers that
-are comparable with published tables. Its phrases are never copied into this repository.
+echovlm.echoprime.load_echoprime_rules() reads EchoPrime's own phrase list from the user's checkout instead,
+for numbers that are comparable with published tables; extract_labels(text, rules=...) applies either. The
+sections and traits are echovlm/vocabulary.py's, shared with the synthetic generator.
 """
 
 import bisect
 import itertools
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-
-BINARY_TRAITS = [
-    "pacemaker", "impella", "tavr", "mitraclip", "aortic_root_dilation", "left_atrium_dilation",
-    "right_atrium_dilation", "right_ventricle_dilation", "aortic_stenosis", "mitral_stenosis",
-    "tricuspid_stenosis", "aortic_regurgitation", "mitral_regurgitation", "tricuspid_valve_regurgitation",
-    "pulmonic_valve_regurgitation", "mitral_annular_calcification", "bicuspid_aov_morphology", "dilated_ivc",
-    "pericardial_effusion", "rv_systolic_function_depressed", "elevated_left_atrial_pressure",
-    "wall_motion_hypokinesis", "atrial_septum_hypertrophy",
-]
-CONTINUOUS_TRAITS = ["ejection_fraction", "pulmonary_artery_pressure_continuous"]
-TRAITS = {**{t: "binary" for t in BINARY_TRAITS}, **{t: "continuous" for t in CONTINUOUS_TRAITS}}
-
-SECTIONS = ["Left Ventricle", "Resting Segmental Wall Motion Analysis", "Right Ventricle", "Left Atrium",
-            "Right Atrium", "Atrial Septum", "Mitral Valve", "Aortic Valve", "Tricuspid Valve", "Pulmonic Valve",
-            "Pericardium", "Aorta", "IVC", "Pulmonary Artery", "Pulmonary Veins", "Postoperative Findings"]
+from echovlm.vocabulary import SECTIONS, TRAITS
 
 # ------------------------------------------------------------------ vocabulary
 
@@ -295,7 +280,7 @@ _GAP = r"(?:(?!pressure|gradient|velocity|shortening|strain|collaps|\bef\b|fract
 
 _HEADER_RE = re.compile(r"^(" + "|".join(re.escape(s) for s in SECTIONS) + r")\s*:\s*", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"[;!?]|\.(?!\d)")
-_SEP_RE = re.compile(r"\[sep\]", re.IGNORECASE)
+SEP_RE = re.compile(r"\[sep\]", re.IGNORECASE)
 
 
 _NORMALISE = [(re.compile(p), r) for p, r in [
@@ -352,7 +337,7 @@ def sentences(text: str) -> list[tuple[str | None, str]]:
     """(section or None, normalised sentence) pairs in report order."""
     lines: list[tuple[str | None, str]] = []
     section = None
-    for raw in _SEP_RE.sub("\n", text).splitlines():
+    for raw in SEP_RE.sub("\n", text).splitlines():
         line = raw.strip()
         if not line:
             continue
@@ -494,88 +479,9 @@ RULES = Rules(FINDINGS, VALUES)
 def extract_labels(text: str, rules=None) -> dict[str, int | float | None]:
     """trait -> 0/1 (binary; not mentioned = 0) or a float / None (continuous, None = not stated).
 
-    rules: None for our rules (RULES), or what load_echoprime_rules() returned. A trait the rules do not
+    rules: None for our rules (RULES), or what echoprime.load_echoprime_rules() returned. A trait the rules do not
     cover is None.
     """
     if not isinstance(text, str):
         raise TypeError(f"extract_labels expects the report as a str, got {type(text).__name__}")
     return (rules or RULES).labels(text)
-
-# ------------------------------------------------------------------ EchoPrime's phrase rules
-
-
-def _flat(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-class PhraseRules:
-    """EchoPrime's rules, read from its per_section.json: a binary trait is positive when any of its phrases
-    occurs in the report (case-insensitive substring, no negation or severity logic: the phrases carry it,
-    e.g. a leading ". " keeps "mild to moderate" out); a regression trait is the number right after the text
-    before "<#>" in one of its phrases, None outside the file's "range". As in EchoPrime, report and phrases
-    are compared in lower case; in addition runs of whitespace (our line breaks between sections included)
-    count as one space, and a phrase's surrounding spaces are dropped so that it also matches at the end of
-    a report. Traits the file does not define are None, so they drop out of scoring as unsettled."""
-
-    def __init__(self, binary: dict[str, list[str]], regression: dict[str, tuple[list[str], float, float]],
-                 ignored: list[str], source: str):
-        self.binary = {t: [_flat(p) for p in ps] for t, ps in binary.items()}
-        self.regression = {t: ([re.compile(re.escape(_flat(p.split("<#>")[0])) + r"\s*(\d{1,3}(?:\.\d{1,2})?)")
-                                for p in ps], low, high) for t, (ps, low, high) in regression.items()}
-        self.ignored, self.source = ignored, source
-
-    def labels(self, text: str) -> dict:
-        flat = " " + _flat(_SEP_RE.sub(" ", text)) + " "
-        out = {t: None for t in TRAITS}
-        for trait, phrases_ in self.binary.items():
-            out[trait] = int(any(p in flat for p in phrases_))
-        for trait, (patterns, low, high) in self.regression.items():
-            m = next((m for p in patterns for m in [p.search(flat)] if m), None)
-            out[trait] = float(m.group(1)) if m and low <= float(m.group(1)) <= high else None
-        return out
-
-
-def load_echoprime_rules(path) -> PhraseRules:
-    """Read EchoPrime's assets/per_section.json (the file, or the checkout that holds it) from your machine.
-
-    The file stays where it is: its phrases are EchoPrime's and are never copied into this repository.
-    Entries for traits echovlm does not score are skipped and listed in .ignored.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "assets" / "per_section.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"EchoPrime rules: {path} does not exist. Pass assets/per_section.json of an EchoPrime "
-                                f"checkout (python -m scripts.fetch_echoprime --dest DIR makes one) or the checkout itself.")
-    try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"EchoPrime rules: {path} is not valid JSON ({e}); re-fetch the file.") from None
-    if not isinstance(table, dict):
-        raise ValueError(f"EchoPrime rules: {path} should hold an object trait -> {{mode, label_sources}}, "
-                         f"found a {type(table).__name__}")
-    binary, regression, ignored = {}, {}, []
-    for trait, entry in table.items():
-        if trait not in TRAITS:
-            ignored.append(trait)
-            continue
-        where = f"EchoPrime rules: {path}, trait {trait!r}"
-        if not isinstance(entry, dict) or entry.get("mode") not in ("binary", "regression"):
-            raise ValueError(f"{where}: needs a 'mode' of 'binary' or 'regression'")
-        sources = entry.get("label_sources")
-        if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s.strip() for s in sources):
-            raise ValueError(f"{where}: 'label_sources' must be a non-empty list of non-empty strings")
-        expected = "binary" if TRAITS[trait] == "binary" else "regression"
-        if entry["mode"] != expected:
-            raise ValueError(f"{where}: mode {entry['mode']!r}, but echovlm scores it as {TRAITS[trait]} ({expected})")
-        if expected == "binary":
-            binary[trait] = sources
-            continue
-        if not all("<#>" in s for s in sources):
-            raise ValueError(f"{where}: every regression label source needs a '<#>' where the number goes")
-        value_range = entry.get("range", [VALUES[trait].low, VALUES[trait].high])
-        if (not isinstance(value_range, list) or len(value_range) != 2
-                or not all(isinstance(x, (int, float)) for x in value_range) or value_range[0] >= value_range[1]):
-            raise ValueError(f"{where}: 'range' must be [low, high] with low < high, got {value_range!r}")
-        regression[trait] = (sources, float(value_range[0]), float(value_range[1]))
-    return PhraseRules(binary, regression, ignored, str(path))

@@ -12,20 +12,34 @@ form one line "<Section>: phrase phrase ..." (EchoPrime joins sections with [SEP
     for report in release.iter_reports(): ...
     for block in release.iter_embeddings(65536): ...          # (rows, 512) float32, L2-normalised
 
+load_echoprime_rules() reads the checkout's phrase rules (assets/per_section.json) for extract_labels(text,
+rules=...) in echovlm/clinical.py, for numbers comparable with EchoPrime's published tables.
+
 The pickle is read with an allow-list unpickler: a list of reports needs containers, numbers, strings and
 numpy/pandas reconstruction, so anything else (os.system, eval, arbitrary classes) is refused.
 """
 
 import json
 import pickle
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from echovlm.clinical import SEP_RE, VALUES
+from echovlm.vocabulary import TRAITS
+
+try:
+    import resource  # POSIX only
+except ImportError:
+    resource = None
+
 RELEASE = "v1.0.0"
 PHRASES = Path("assets") / "all_phr.json"
+PHRASE_RULES = Path("assets") / "per_section.json"  # read by load_echoprime_rules, not by the dataset
 CANDIDATES = Path("model_data") / "candidates_data"
 STUDIES_CSV = CANDIDATES / "candidate_studies.csv"
 REPORTS_PKL = CANDIDATES / "candidate_reports.pkl"
@@ -54,8 +68,9 @@ _PANDAS |= {("pandas.core.series", "Series"), ("pandas.core.frame", "DataFrame")
             ("pandas._libs.internals", "_unpickle_block"), ("pandas._libs.internals", "BlockPlacement"),
             ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"), ("pandas.arrays", "StringArray"),
             ("pandas.core.arrays.string_", "StringArray"), ("pandas.core.arrays.string_", "StringDtype")}
+# not bytes/bytearray: the format has none (a pickle's bytes are opcodes), and bytearray(20e9) fills 20 GB
 _BUILTINS = {("builtins", c) for c in ("list", "tuple", "dict", "set", "frozenset", "int", "float", "complex", "bool",
-                                       "str", "bytes", "bytearray", "slice")}
+                                       "str", "slice")}
 _BUILTINS |= {("collections", "OrderedDict")}
 ALLOWED_GLOBALS = frozenset(_NUMPY | _PANDAS | _BUILTINS)
 
@@ -70,12 +85,57 @@ class RestrictedUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# The allow-list still lets a few bytes of pickle ask for gigabytes (numpy's _reconstruct with a huge shape, a
+# Series broadcast over RangeIndex(0, 10**10)), so unpickling runs under a cap on the data segment. The release's
+# lists of (int, int, float) triples take ~8x their pickled size in memory (measured for protocols 2-5); 32x plus
+# 1 GiB leaves room for any real reports file and turns a hostile one's request into a MemoryError.
+PICKLE_MEMORY_FACTOR = 32
+PICKLE_MEMORY_SLACK = 1 << 30
+
+
+def _data_segment() -> int | None:
+    """Bytes of the process's data segment (what RLIMIT_DATA limits), None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+@contextmanager
+def memory_cap(extra: int):
+    """Let the process's data segment grow by at most `extra` bytes inside the block (Linux: RLIMIT_DATA counts
+    every private allocation, malloc's mmaps included; elsewhere nothing is capped). A larger allocation fails
+    at once with MemoryError, without touching the memory."""
+    used = _data_segment()
+    if resource is None or used is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    cap = used + extra
+    if soft != resource.RLIM_INFINITY and soft <= cap:  # already tighter: never loosen a user's limit
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_DATA, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
 def load_pickle(path: str | Path):
+    size = Path(path).stat().st_size
+    extra = PICKLE_MEMORY_FACTOR * size + PICKLE_MEMORY_SLACK
     with open(path, "rb") as f:
         try:
-            return RestrictedUnpickler(f).load()
+            with memory_cap(extra):
+                return RestrictedUnpickler(f).load()
         except UnsafePickleError as e:
             raise UnsafePickleError(f"{path}: {e}") from None
+        except MemoryError:
+            raise EchoPrimeError(f"{path} asks for more than {extra / 2 ** 30:.1f} GiB of memory to unpickle, far more "
+                                 f"than a reports file of {size:,} bytes needs; refusing it (damaged, or not the "
+                                 f"EchoPrime release file)") from None
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as e:
             raise EchoPrimeError(f"{path} cannot be read as a pickled list of reports ({type(e).__name__}: {e}); "
                                  f"the file is damaged or not from the EchoPrime release") from None
@@ -232,3 +292,83 @@ class EchoPrimeRelease:
             for start in range(0, len(t), block):
                 x = t[start:start + block].float()
                 yield F.normalize(x, dim=1).numpy()
+
+
+# ------------------------------------------------------------------ EchoPrime's phrase rules (assets/per_section.json)
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+class PhraseRules:
+    """EchoPrime's rules, read from its per_section.json: a binary trait is positive when any of its phrases
+    occurs in the report (case-insensitive substring, no negation or severity logic: the phrases carry it,
+    e.g. a leading ". " keeps "mild to moderate" out); a regression trait is the number right after the text
+    before "<#>" in one of its phrases, None outside the file's "range". As in EchoPrime, report and phrases
+    are compared in lower case; in addition runs of whitespace (our line breaks between sections included)
+    count as one space, and a phrase's surrounding spaces are dropped so that it also matches at the end of
+    a report. Traits the file does not define are None, so they drop out of scoring as unsettled."""
+
+    def __init__(self, binary: dict[str, list[str]], regression: dict[str, tuple[list[str], float, float]],
+                 ignored: list[str], source: str):
+        self.binary = {t: [_flat(p) for p in ps] for t, ps in binary.items()}
+        self.regression = {t: ([re.compile(re.escape(_flat(p.split("<#>")[0])) + r"\s*(\d{1,3}(?:\.\d{1,2})?)")
+                                for p in ps], low, high) for t, (ps, low, high) in regression.items()}
+        self.ignored, self.source = ignored, source
+
+    def labels(self, text: str) -> dict:
+        flat = " " + _flat(SEP_RE.sub(" ", text)) + " "
+        out = {t: None for t in TRAITS}
+        for trait, phrases_ in self.binary.items():
+            out[trait] = int(any(p in flat for p in phrases_))
+        for trait, (patterns, low, high) in self.regression.items():
+            m = next((m for p in patterns for m in [p.search(flat)] if m), None)
+            out[trait] = float(m.group(1)) if m and low <= float(m.group(1)) <= high else None
+        return out
+
+
+def load_echoprime_rules(path) -> PhraseRules:
+    """Read EchoPrime's assets/per_section.json (the file, or the checkout that holds it) from your machine.
+
+    The file stays where it is: its phrases are EchoPrime's and are never copied into this repository.
+    Entries for traits echovlm does not score are skipped and listed in .ignored.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / PHRASE_RULES
+    if not path.is_file():
+        raise FileNotFoundError(f"EchoPrime rules: {path} does not exist. Pass assets/per_section.json of an EchoPrime "
+                                f"checkout (python -m scripts.fetch_echoprime --dest DIR makes one) or the checkout itself.")
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"EchoPrime rules: {path} is not valid JSON ({e}); re-fetch the file.") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"EchoPrime rules: {path} should hold an object trait -> {{mode, label_sources}}, "
+                         f"found a {type(table).__name__}")
+    binary, regression, ignored = {}, {}, []
+    for trait, entry in table.items():
+        if trait not in TRAITS:
+            ignored.append(trait)
+            continue
+        where = f"EchoPrime rules: {path}, trait {trait!r}"
+        if not isinstance(entry, dict) or entry.get("mode") not in ("binary", "regression"):
+            raise ValueError(f"{where}: needs a 'mode' of 'binary' or 'regression'")
+        sources = entry.get("label_sources")
+        if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s.strip() for s in sources):
+            raise ValueError(f"{where}: 'label_sources' must be a non-empty list of non-empty strings")
+        expected = "binary" if TRAITS[trait] == "binary" else "regression"
+        if entry["mode"] != expected:
+            raise ValueError(f"{where}: mode {entry['mode']!r}, but echovlm scores it as {TRAITS[trait]} ({expected})")
+        if expected == "binary":
+            binary[trait] = sources
+            continue
+        if not all("<#>" in s for s in sources):
+            raise ValueError(f"{where}: every regression label source needs a '<#>' where the number goes")
+        value_range = entry.get("range", [VALUES[trait].low, VALUES[trait].high])
+        if (not isinstance(value_range, list) or len(value_range) != 2
+                or not all(isinstance(x, (int, float)) for x in value_range) or value_range[0] >= value_range[1]):
+            raise ValueError(f"{where}: 'range' must be [low, high] with low < high, got {value_range!r}")
+        regression[trait] = (sources, float(value_range[0]), float(value_range[1]))
+    return PhraseRules(binary, regression, ignored, str(path))

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import mean_absolute_error, r2_score, roc_auc_score
 
-from echovlm.clinical import BINARY_TRAITS, TRAITS
+from echovlm.vocabulary import BINARY_TRAITS, TRAITS
 
 def label_arrays(labels, n: int | None = None) -> dict[str, np.ndarray]:
     """trait -> float array over studies (NaN = None), from a list of extract_labels() dicts or trait -> array."""

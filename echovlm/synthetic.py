@@ -23,24 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from echovlm.vocabulary import SECTIONS, TRAITS
+
 # bump whenever what a given seed produces changes, so prepared datasets are rebuilt rather than reused
 GENERATOR_VERSION = 3
 CHUNK = 1024
 DEFAULT_SIGNAL = 0.15  # a linear probe then gets LVEF R^2 ~0.85 from 2,000 studies: learnable, not trivial
 PROJECTION_SEED = 20240917
 HIDDEN = 256
-
-SECTIONS = ["Left Ventricle", "Resting Segmental Wall Motion Analysis", "Right Ventricle", "Left Atrium",
-            "Right Atrium", "Atrial Septum", "Mitral Valve", "Aortic Valve", "Tricuspid Valve", "Pulmonic Valve",
-            "Pericardium", "Aorta", "IVC", "Pulmonary Artery", "Pulmonary Veins", "Postoperative Findings"]
-BINARY_TRAITS = ["pacemaker", "impella", "tavr", "mitraclip", "aortic_root_dilation", "left_atrium_dilation",
-                 "right_atrium_dilation", "right_ventricle_dilation", "aortic_stenosis", "mitral_stenosis",
-                 "tricuspid_stenosis", "aortic_regurgitation", "mitral_regurgitation", "tricuspid_valve_regurgitation",
-                 "pulmonic_valve_regurgitation", "mitral_annular_calcification", "bicuspid_aov_morphology", "dilated_ivc",
-                 "pericardial_effusion", "rv_systolic_function_depressed", "elevated_left_atrial_pressure",
-                 "wall_motion_hypokinesis", "atrial_septum_hypertrophy"]
-CONTINUOUS_TRAITS = ["ejection_fraction", "pulmonary_artery_pressure_continuous"]
-TRAIT_NAMES = BINARY_TRAITS + CONTINUOUS_TRAITS
 
 # graded findings: 0 none, 1 mild, 2 moderate, 3 severe; a trait is positive from moderate up
 GRADED = ["lv_dilation", "la_dilation", "ra_dilation", "rv_dilation", "rv_dysfunction", "root_dilation",
@@ -402,7 +392,7 @@ def write_report(r: random.Random, s: dict[str, list], i: int) -> tuple[str, dic
     s holds the states as Python lists (s[k][i] on a numpy array is several times slower)."""
     labels = labels_from_state(s, i)
     lines = [f"{name}: " + " ".join(writer(r, s, i, labels)) for name, writer in zip(SECTIONS, WRITERS)]
-    return "\n".join(lines), {k: labels[k] for k in TRAIT_NAMES}
+    return "\n".join(lines), {k: labels[k] for k in TRAITS}
 
 
 # ------------------------------------------------------------------------------------------------ embeddings

@@ -117,7 +117,7 @@ class Exploit:
         return (os.system, (f"touch {Exploit.target}",))
 
 
-@pytest.mark.parametrize("payload", ["os.system", "builtins.eval", "a class of the pickler's own"])
+@pytest.mark.parametrize("payload", ["os.system", "builtins.eval", "a class of the pickler's own", "builtins.bytearray"])
 def test_malicious_pickle_is_refused(tmp_path, payload):
     Exploit.target = tmp_path / "pwned"
     path = tmp_path / "candidate_reports.pkl"
@@ -127,6 +127,9 @@ def test_malicious_pickle_is_refused(tmp_path, payload):
     elif payload == "builtins.eval":
         obj = EvalExploit()
         name = "builtins.eval"
+    elif payload == "builtins.bytearray":  # bytearray(20e9) would fill 20 GB; the format has no bytes at all
+        obj = [[(0, 0, 1.0)], Allocates(bytearray, (20 * 10 ** 9,))]
+        name = "builtins.bytearray"
     else:
         obj = [Harmless()]
         name = f"{__name__}.Harmless"
@@ -143,6 +146,32 @@ class EvalExploit:
 
 class Harmless:
     pass
+
+
+class Allocates:
+    """Unpickles as call(*args): a few bytes of pickle that ask for as much memory as args say."""
+
+    def __init__(self, call, args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.skipif(echoprime.resource is None or echoprime._data_segment() is None, reason="Linux only (RLIMIT_DATA)")
+def test_pickle_that_asks_for_gigabytes_is_refused_without_allocating(tmp_path):
+    # numpy's _reconstruct is allowed (every pickled array needs it), but here with a 3 GiB shape
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    path = tmp_path / "candidate_reports.pkl"
+    limit = echoprime.resource.getrlimit(echoprime.resource.RLIMIT_DATA)
+    path.write_bytes(pickle.dumps([[(0, 0, 1.0)], Allocates(reconstruct, (np.ndarray, (3 << 30,), b"b"))]))
+    assert path.stat().st_size < 1000
+    with pytest.raises(EchoPrimeError, match="GiB of memory"):
+        load_pickle(path)
+    # the cap is lifted afterwards, and a real reports file is still read
+    assert echoprime.resource.getrlimit(echoprime.resource.RLIMIT_DATA) == limit
+    path.write_bytes(pickle.dumps([[(0, 0, 1.0)] * 25] * 1000))
+    assert len(load_pickle(path)) == 1000
 
 
 def test_damaged_pickle_is_a_clear_error(tmp_path):
@@ -179,8 +208,9 @@ def test_prepare_refuses_a_malicious_release(tmp_path, capsys):
     pkl = tmp_path / "EchoPrime" / "model_data" / "candidates_data" / "candidate_reports.pkl"
     pkl.write_bytes(pickle.dumps([[(0, 0, 1.0)], Exploit(), [(0, 0, 1.0)]]))
     out = tmp_path / "out"
-    assert prepare_main(["--source", "echoprime", "--echoprime-dir", str(tmp_path / "EchoPrime"), "--out", str(out)]) == 1
-    assert "refusing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # bad input: one line on stderr, exit 2
+        prepare_main(["--source", "echoprime", "--echoprime-dir", str(tmp_path / "EchoPrime"), "--out", str(out)])
+    assert stop.value.code == 2 and "refusing" in capsys.readouterr().err
     assert not Exploit.target.exists() and not out.exists() and os.listdir(tmp_path) == ["EchoPrime"]
 
 

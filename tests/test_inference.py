@@ -1,17 +1,23 @@
-"""scripts.test_inference: its retrieval and label plumbing against the obvious computations, and the whole
-pipeline (synthetic data -> tokenizer -> a briefly trained tiny model -> evaluation) beating the prior."""
+"""scripts.test_inference: its retrieval and label plumbing against the obvious computations, its outputs and
+bad-input errors on a 2-step tiny model, and the whole pipeline (synthetic data -> tokenizer -> a briefly
+trained tiny model -> evaluation) beating the prior."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from echovlm.clinical import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS
+from echovlm.consistency import RULES
 from echovlm.dataset import open_dataset
-from scripts.prepare_dataset import main as prepare_main
+from echovlm.gpt import GPT, GPTConfig
+from echovlm.report import build_card
 from echovlm.retrieval import nearest_training_studies
+from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS
+from scripts import base_train, test_inference, tok_train
+from scripts.prepare_dataset import main as prepare_main
 from scripts.test_inference import from_neighbours, from_reports
 
 
@@ -63,26 +69,18 @@ def test_from_neighbours_averages_settled_labels_and_takes_the_majority():
     assert ef[0] == 55 and ef[1] == 65 and np.isnan(ef[2])
 
 
+@pytest.mark.slow
 def test_briefly_trained_model_beats_the_prior(tmp_path):
-    try:
-        from scripts.tok_train import main as tok_train_main
-    except ModuleNotFoundError as e:
-        if e.name not in ("scripts.tok_train", "echovlm.tokenizer"):
-            raise
-        pytest.skip(f"{e.name} has not landed yet; the pipeline needs it to train a model")
-    from scripts.base_train import main as base_train_main
-    from scripts.test_inference import main as test_inference_main
-
     data = tmp_path / "data"
     assert prepare_main(["--source", "synthetic", "--n-studies", "3000", "--seed", "0", "--out", str(data)]) == 0
-    assert tok_train_main(["--dataset", str(data), "--vocab-size", "500"]) == 0
-    assert base_train_main(["--dataset", str(data), "--depth", "2", "--num-steps", "150", "--device", "cpu",
+    assert tok_train.main(["--dataset", str(data), "--vocab-size", "500"]) == 0
+    assert base_train.main(["--dataset", str(data), "--depth", "2", "--num-steps", "150", "--device", "cpu",
                             "--dtype", "fp32", "--run-dir", str(tmp_path / "runs"), "--run-name", "model",
                             "--eval-every", "150", "--eval-studies", "64"]) == 0
     run = tmp_path / "runs" / "model"
     args = ["--run", str(run), "--max-studies", "96", "--samples", "2", "--bootstrap", "50", "--device", "cpu"]
-    assert test_inference_main(args) == 0
-    assert test_inference_main(args) == 0  # a second evaluation goes to eval1, never over the first
+    assert test_inference.main(args) == 0
+    assert test_inference.main(args) == 0  # a second evaluation goes to eval1, never over the first
 
     out = run / "eval"
     for name in ("metrics.csv", "metrics.json", "metrics.md", "traits.png", "samples.md", "language.json"):
@@ -97,3 +95,107 @@ def test_briefly_trained_model_beats_the_prior(tmp_path):
     assert set(table.trait) == set(TRAITS)
     language = json.loads((out / "language.json").read_text())
     assert 0 < language["model"]["bleu4"] <= 100
+
+
+# ------------------------------------------------------------------ a 2-step tiny model: outputs and errors
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    data = tmp / "data"
+    assert prepare_main(["--source", "synthetic", "--n-studies", "300", "--seed", "0", "--val-size", "20",
+                         "--test-size", "20", "--out", str(data)]) == 0
+    assert tok_train.main(["--dataset", str(data), "--vocab-size", "300"]) == 0
+    assert base_train.main(["--dataset", str(data), "--run-dir", str(tmp / "runs"), "--run-name", "model",
+                            "--depth", "1", "--num-steps", "2", "--total-batch-size", "4", "--device-batch-size", "4",
+                            "--eval-every", "2", "--eval-studies", "4", "--device", "cpu", "--seed", "0"]) == 0
+    return tmp / "runs" / "model"
+
+
+def evaluate(run, *args):
+    return test_inference.main(["--run", str(run), "--max-studies", "6", "--samples", "1", "--bootstrap", "10",
+                                "--max-tokens", "24", "--device", "cpu", *map(str, args)])
+
+
+@pytest.mark.slow
+def test_knn_baseline_is_named_by_its_k_and_contradictions_are_counted(tiny_run, tmp_path):
+    out = tmp_path / "eval"
+    assert evaluate(tiny_run, "--knn", 7, "--out", out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    summary = metrics["summary"]
+    assert summary["knn"] == 7 and summary["knn_system"] == "knn7"
+    assert set(summary["core_metric"]) == {"model", "prior", "retrieval", "knn7"}
+    assert set(pd.read_csv(out / "metrics.csv").system) == {"model", "prior", "retrieval", "knn7"}
+    md = (out / "metrics.md").read_text()
+    assert "knn7 AUROC" in md and "knn50" not in md
+    # contradictions per 1,000 for the four sources, with per-rule counts that add up to the rate
+    rates, counts = summary["contradictions_per_1000"], summary["contradictions"]
+    assert set(rates) == set(counts) == {"model", "prior", "retrieval", "reference"}
+    for source, c in counts.items():
+        assert c["n_reports"] == 6 and set(c["per_rule"]) == set(RULES)
+        assert rates[source] == pytest.approx(1000 * sum(c["per_rule"].values()) / 6, abs=0.01)
+    assert rates["reference"] == 0.0  # the synthetic references agree with themselves
+    assert "| per 1,000 reports |" in md and all(f"| {rule} |" in md for rule in RULES)
+    # the report card shows the headline with the kNN by its real name and the reference's rate as the floor
+    card_run = tmp_path / "card"
+    assert "metrics.json missing" in build_card(card_run)
+    (card_run / "eval").mkdir(parents=True)
+    (card_run / "eval" / "metrics.json").write_text((out / "metrics.json").read_text())
+    row = next(line for line in build_card(card_run).splitlines() if line.startswith("| model |"))
+    assert "(knn7)" in row and row.endswith("| 0.0 |"), row
+
+
+class Payload:  # any class: weights_only refuses it before anything of it runs
+    pass
+
+
+def error_of(capsys, run, *args, code=2) -> str:
+    """The one line a bad input ends in: on stderr, the exit status given, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        evaluate(run, *args)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars
+    assert err.startswith("test_inference: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_flags_are_one_line(tmp_path, capsys):
+    # flags are checked before the model is loaded: no run is needed
+    run = tmp_path / "run"
+    assert "--knn must be >= 1" in error_of(capsys, run, "--knn", 0)
+    assert "--samples must be >= 0" in error_of(capsys, run, "--samples", -1)
+    assert "--temperature must be a finite number" in error_of(capsys, run, "--temperature", "nan")
+    assert "--max-tokens must be >= 1" in error_of(capsys, run, "--max-tokens", -5)
+    assert "--echoprime-rules" in error_of(capsys, run, "--echoprime-rules", tmp_path / "nowhere.json")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert "cannot be created" in error_of(capsys, run, "--out", blocker / "eval")
+
+
+def test_missing_hostile_and_truncated_checkpoints_are_one_line(tmp_path, capsys):
+    assert "neither a checkpoint file nor a run directory" in error_of(capsys, tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    assert "holds no best.pt or last.pt" in error_of(capsys, tmp_path / "empty")
+    model = GPT(GPTConfig(depth=1, vocab_size=32, embed_dim=8, sequence_len=16))
+    ckpt = {"format_version": 1, "model": model.state_dict(), "config": asdict(model.config), "meta": {}}
+    torch.save(ckpt, tmp_path / "good.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:5000])
+    assert "not a readable echovlm checkpoint" in error_of(capsys, tmp_path / "truncated.pt")
+    torch.save({"format_version": 1, "model": Payload()}, tmp_path / "hostile.pt")
+    err = error_of(capsys, tmp_path / "hostile.pt")
+    assert "refused unread" in err and "weights_only" not in err and "Re-running" not in err
+    torch.save(ckpt | {"model": {k: v[..., :1] for k, v in ckpt["model"].items()}}, tmp_path / "edited.pt")
+    assert "do not match" in error_of(capsys, tmp_path / "edited.pt")
+
+
+@pytest.mark.slow
+def test_a_dataset_gone_is_exit_2_and_a_failed_write_is_exit_1(tiny_run, tmp_path, capsys, monkeypatch):
+    assert "cannot be read" in error_of(capsys, tiny_run, "--dataset", tmp_path / "nowhere")
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(test_inference, "atomic_write_bytes", disk_full)
+    monkeypatch.setattr(test_inference, "atomic_write_text", lambda path, text: disk_full(path, text))
+    err = error_of(capsys, tiny_run, "--out", tmp_path / "eval", code=1)
+    assert "writing the evaluation failed" in err and "No space left" in err

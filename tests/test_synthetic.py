@@ -2,6 +2,7 @@
 what the labels say, and embeddings that carry the clinical state (and only the state) in proportion to `signal`."""
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,7 +10,16 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import roc_auc_score
 
 from echovlm import synthetic
-from echovlm.synthetic import BINARY_TRAITS, SECTIONS, TRAIT_NAMES, generate
+from echovlm.vocabulary import BINARY_TRAITS, SECTIONS, TRAITS
+
+
+def generate(n_studies, **kwargs):
+    """All of iter_chunks' studies at once (prepare_dataset streams them; small test sets fit in memory)."""
+    chunks = list(synthetic.iter_chunks(n_studies, **kwargs))
+    joined = {k: [x for c in chunks for x in getattr(c, k)] for k in ("studies", "patients", "reports", "labels")}
+    return SimpleNamespace(**joined, embeddings=np.concatenate([c.embeddings for c in chunks]),
+                           offsets=np.cumsum([0] + [n for c in chunks for n in np.diff(c.offsets)]),
+                           states={k: np.concatenate([c.states[k] for c in chunks]) for k in chunks[0].states})
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +37,6 @@ def test_deterministic_and_independent_of_total():
     np.testing.assert_array_equal(c.embeddings, a.embeddings[:1030])
     assert generate(50, seed=4, embed_dim=64).reports != a.reports[:50]
     assert synthetic.study_and_patient_ids(1100, 3) == (a.studies, a.patients)
-
-
-def test_trait_names_match_the_evaluator():
-    clinical = pytest.importorskip("echovlm.clinical")
-    assert list(clinical.TRAITS) == TRAIT_NAMES
 
 
 def test_every_scored_trait_has_enough_positives(studies):
@@ -70,7 +75,7 @@ def test_report_layout(studies):
         lines = report.split("\n")
         assert [line.split(": ", 1)[0] for line in lines] == SECTIONS
         assert all(len(line.split(": ", 1)[1]) > 3 for line in lines)
-    assert all(set(lab) == set(TRAIT_NAMES) for lab in studies.labels)
+    assert all(set(lab) == set(TRAITS) for lab in studies.labels)
     assert len(set(studies.reports)) == len(studies.reports)
 
 
@@ -126,7 +131,7 @@ def test_labels_agree_with_the_clinical_evaluator(studies):
     disagree = {}
     for report, labels in zip(studies.reports[:300], studies.labels[:300]):
         read = clinical.extract_labels(report)
-        for trait in TRAIT_NAMES:
+        for trait in TRAITS:
             if read[trait] != labels[trait]:
                 disagree.setdefault(trait, []).append((read[trait], labels[trait], report))
     assert not disagree, {t: v[0] for t, v in disagree.items()}
