@@ -69,6 +69,35 @@ def latest(run: Path, name: str) -> Path:
     return candidates[-1] if candidates else run / name
 
 
+def eval_summary_row(label: str, eval_dir: Path) -> str | None:
+    """One evaluation's headline as a table row (see EVAL_SUMMARY_HEADER), None when its metrics.json is missing.
+
+    One row per eval directory, so a second run (a fine-tuned model) can be shown beside the first."""
+    metrics = read_json(Path(eval_dir) / "metrics.json")
+    if not metrics or "summary" not in metrics:
+        return None
+    s = metrics["summary"]
+    knn = s.get("knn_system")
+    core, hard = s.get("core_metric") or {}, s.get("core_metric_hard") or {}
+    r2 = {(t.get("system"), t.get("trait")): t.get("r2") for t in metrics.get("traits") or []}
+    rate = s.get("contradictions_per_1000") or {}
+    cells = [label, fmt(core.get("model"), ".3f"), fmt(hard.get("model"), ".3f"), fmt(hard.get("retrieval"), ".3f"),
+             f"{fmt(core.get(knn), '.3f')} ({knn or 'n/a'})", fmt(r2.get(("model", "ejection_fraction")), ".3f")]
+    cells += [fmt(rate.get(k), ".1f") for k in ("model", "prior", "retrieval", "reference")]
+    return "| " + " | ".join(cells) + " |"
+
+
+EVAL_SUMMARY_HEADER = ["| eval | Core Metric (score) | Core Metric (hard) | retrieval (hard) | kNN (score) | LVEF R^2 | "
+                       "contradictions / 1,000: model | prior | retrieval | reference (floor) |",
+                       "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def eval_summary_table(evals: list[tuple[str, Path]]) -> list[str]:
+    """Headline rows of several evaluations side by side (e.g. base and fine-tuned), or a note when none has one."""
+    rows = [r for r in (eval_summary_row(label, d) for label, d in evals) if r]
+    return EVAL_SUMMARY_HEADER + rows if rows else ["- metrics.json missing (evaluation did not finish)"]
+
+
 def build_card(run: Path, wall_seconds: int | None = None, gpu_hourly_usd: float = 3.0) -> str:
     run = Path(run)
     lines = [f"# echovlm report card: `{run.name}`", ""]
@@ -84,7 +113,7 @@ def build_card(run: Path, wall_seconds: int | None = None, gpu_hourly_usd: float
     meta = read_json(dataset / "meta.json") if dataset else None
     lines += ["## Data", "", f"- source: **{source}**" + (" (simulated studies, not real echocardiograms)" if source == "synthetic" else "")]
     if meta:
-        counts = meta.get("counts") or meta.get("splits") or {}
+        counts = meta.get("counts") or {}
         lines += [f"- dataset: `{dataset}`; studies per split: " + ", ".join(f"{k} {fmt(v)}" for k, v in counts.items()),
                   f"- embedding dim: {fmt(meta.get('embed_dim'))}"]
     else:
@@ -109,7 +138,7 @@ def build_card(run: Path, wall_seconds: int | None = None, gpu_hourly_usd: float
     config = read_json(model_dir / "config.json") or {}
     lines += ["## Model and training", ""]
     if summary:
-        lines += [f"- parameters: {fmt(summary.get('params'))}, depth {fmt((config.get('model') or {}).get('depth', config.get('depth')))}",
+        lines += [f"- parameters: {fmt(summary.get('params'))}, depth {fmt((config.get('model') or {}).get('depth'))}",
                   f"- steps: {fmt(summary.get('steps'))}, training time {fmt(summary.get('train_seconds'), '.0f')} s",
                   f"- throughput: {fmt(summary.get('tokens_per_sec'), ',.0f')} real tokens/s, "
                   f"MFU {fmt(summary.get('mfu'), '.1%')}, padding {fmt(summary.get('padding_fraction'), '.1%')}",
@@ -122,6 +151,7 @@ def build_card(run: Path, wall_seconds: int | None = None, gpu_hourly_usd: float
 
     eval_dir = latest(run, "eval")
     lines += ["## Clinical evaluation (test split)", ""]
+    lines += eval_summary_table([("model", eval_dir)]) + [""]
     metrics_md = read_text(eval_dir / "metrics.md")
     lines += [metrics_md.strip() if metrics_md else "- metrics.md missing (evaluation did not finish)", ""]
     for png in sorted(eval_dir.glob("*.png")):

@@ -13,13 +13,19 @@ same studies, for four systems:
              its own): what the model writes without knowing the study. Beating it shows the prefix is read.
   retrieval  the report of the nearest training study by cosine similarity of mean embeddings, as EchoPrime
              does. It gives hard labels only, so its AUROC is its balanced accuracy.
-  knn50      the mean label of the --knn nearest training studies as the score; the majority as hard label.
+  knn{k}     the mean label of the --knn k nearest training studies as the score; the majority as hard label
+             (named by its k everywhere: knn50 with the default).
 
 Binary traits: AUROC of the score and of the hard 0/1 label (= balanced accuracy, the number the reference
 system reports), with 95% bootstrap CIs over studies (the same resamples for every system). A trait with
 no positive or no negative study is N/A. LVEF and PASP: R^2 and MAE of the greedy (or retrieved, or
 neighbour-mean) value; studies where either side states no value are dropped and counted. Core Metric, as
 in EchoPrime's tables: the mean over traits of AUROC (binary) and R^2 (continuous); "hard" uses hard AUROC.
+
+Consistency (echovlm.consistency): contradictions one report holds about itself (LVEF against the stated
+systolic function, a finding stated and denied, two severities, impossible numbers, a repeated section), per
+1,000 greedy reports of the model and the prior, retrieved reports and the reference reports themselves (the
+floor: what the real reports do), with counts per rule.
 
 Outputs, in a new directory (--out, default <run>/eval; eval1, eval2, ... if taken, nothing is overwritten):
 metrics.csv, metrics.json (with a summary), metrics.md, traits.png, samples.md (5 generated reports beside
@@ -29,6 +35,7 @@ their references), language.json (BLEU-4 and ROUGE-L: secondary, they reward wor
 import argparse
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,16 +44,28 @@ import numpy as np
 import pandas as pd
 import torch
 
+from echovlm import consistency
 from echovlm.checkpoint import load_model
-from echovlm.clinical import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS, extract_labels, load_echoprime_rules
-from echovlm.common import atomic_write_bytes, atomic_write_json, atomic_write_text, autodetect_device, new_run_dir, print0
+from echovlm.clinical import extract_labels
+from echovlm.common import (atomic_write_bytes, atomic_write_json, atomic_write_text, autodetect_device, fail,
+                            new_run_dir, print0)
 from echovlm.dataset import open_dataset
+from echovlm.echoprime import load_echoprime_rules
 from echovlm.engine import Engine
 from echovlm.retrieval import nearest_training_studies
 from echovlm.scoring import label_arrays, score_traits
+from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS
 
-SYSTEMS = ("model", "prior", "retrieval", "knn50")
 PRIOR_KIND = "the embeddings of another test study (seeded shuffle, none keeps its own)"
+
+
+def system_names(knn: int) -> tuple[str, ...]:
+    """The four systems; the kNN baseline is named by its real k (knn50 with the default --knn)."""
+    return ("model", "prior", "retrieval", f"knn{knn}")
+
+
+# the reports whose contradictions are counted: generated, retrieved and the references (their rate is the floor)
+CONSISTENCY_SOURCES = ("model", "prior", "retrieval", "reference")
 
 
 # ------------------------------------------------------------------ each system: hard labels/values and a score
@@ -94,10 +113,11 @@ def fmt_ci(row, metric: str, spec: str = ".3f") -> str:
     return f"{v:{spec}} ({row[metric + '_lo']:{spec}}-{row[metric + '_hi']:{spec}})"
 
 
-def markdown_tables(table: pd.DataFrame, summaries: dict) -> str:
+def markdown_tables(table: pd.DataFrame, summaries: dict, systems: tuple[str, ...], contradictions: dict) -> str:
     rows = {(r.system, r.trait): r._asdict() for r in table.itertuples(index=False)}
+    knn = systems[3]
     cols = [("model", "auroc"), ("model", "auroc_hard"), ("prior", "auroc"), ("prior", "auroc_hard"),
-            ("retrieval", "auroc_hard"), ("knn50", "auroc"), ("knn50", "auroc_hard")]
+            ("retrieval", "auroc_hard"), (knn, "auroc"), (knn, "auroc_hard")]
     head = ["trait", "n", "positives", "prevalence"] + [f"{s} {'AUROC' if m == 'auroc' else 'hard'}" for s, m in cols]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for t in BINARY_TRAITS:
@@ -107,28 +127,36 @@ def markdown_tables(table: pd.DataFrame, summaries: dict) -> str:
         lines.append(f"| {t} | {r['n']} | {r['positives']:.0f} | {prevalence} | " + " | ".join(cells) + " |")
     lines += ["", "| trait | system | n | dropped | R^2 | MAE |", "|---|---|---|---|---|---|"]
     for t in CONTINUOUS_TRAITS:
-        for s in SYSTEMS:
+        for s in systems:
             r = rows[(s, t)]
             lines.append(f"| {t} | {s} | {r['n']} | {r['dropped']} | {fmt_ci(r, 'r2')} | {fmt_ci(r, 'mae', '.2f')} |")
-    lines += ["", "| Core Metric (mean AUROC and R^2 over traits) | " + " | ".join(SYSTEMS) + " |",
-              "|---" * (len(SYSTEMS) + 1) + "|"]
+    lines += ["", "| Core Metric (mean AUROC and R^2 over traits) | " + " | ".join(systems) + " |",
+              "|---" * (len(systems) + 1) + "|"]
     for key, label in (("core_metric", "from the score"), ("core_metric_hard", "from the hard labels")):
-        vals = [summaries[s][key] for s in SYSTEMS]
+        vals = [summaries[s][key] for s in systems]
         lines.append(f"| {label} | " + " | ".join("N/A" if v is None else f"**{v:.3f}**" for v in vals) + " |")
+    lines += ["", "| Contradictions (echovlm.consistency) | " + " | ".join(CONSISTENCY_SOURCES) + " |",
+              "|---" * (len(CONSISTENCY_SOURCES) + 1) + "|",
+              "| per 1,000 reports | " + " | ".join(f"**{contradictions[s]['per_1000']:.1f}**" for s in CONSISTENCY_SOURCES) + " |",
+              "| reports with any | " + " | ".join(f"{contradictions[s]['reports_with_any']}" for s in CONSISTENCY_SOURCES) + " |"]
+    lines += [f"| {rule} | " + " | ".join(str(contradictions[s]["per_rule"][rule]) for s in CONSISTENCY_SOURCES) + " |"
+              for rule in consistency.RULES]
     lines += ["", "AUROC: from the continuous score (model/prior: fraction of sampled reports stating the finding; "
               "kNN: mean neighbour label); retrieval has hard labels only. Hard: AUROC of 0/1 labels, i.e. balanced "
-              f"accuracy. 95% bootstrap CIs in brackets. Prior: the model given {PRIOR_KIND}."]
+              f"accuracy. 95% bootstrap CIs in brackets. Prior: the model given {PRIOR_KIND}. Contradictions: in the "
+              "greedy report (model, prior), the retrieved report and the reference report of each study; the "
+              "reference's rate is the floor."]
     return "\n".join(lines) + "\n"
 
 
-def plot_traits(path: Path, table: pd.DataFrame):
+def plot_traits(path: Path, table: pd.DataFrame, systems: tuple[str, ...]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = table[(table.system == "model") & (table.kind == "binary") & (table.status == "ok")].trait.tolist()
-    series = [("model", "auroc"), ("prior", "auroc"), ("retrieval", "auroc_hard"), ("knn50", "auroc")]
+    series = [("model", "auroc"), ("prior", "auroc"), ("retrieval", "auroc_hard"), (systems[3], "auroc")]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 0.4 * max(len(ok), 4) + 2), gridspec_kw={"width_ratios": [3, 1]})
     h, y = 0.8 / len(series), np.arange(len(ok))
     for i, (s, m) in enumerate(series):
@@ -145,9 +173,9 @@ def plot_traits(path: Path, table: pd.DataFrame):
     ax.set_xlabel("AUROC (95% CI)")
     ax.legend(fontsize=8, loc="lower right")
     for j, t in enumerate(CONTINUOUS_TRAITS):
-        r2 = table[table.trait == t].set_index("system").loc[list(SYSTEMS), "r2"].fillna(0.0)
-        ax2.bar(np.arange(len(SYSTEMS)) + j * 0.4, r2, 0.4, label=t)
-    ax2.set_xticks(np.arange(len(SYSTEMS)) + 0.2, SYSTEMS, fontsize=8)
+        r2 = table[table.trait == t].set_index("system").loc[list(systems), "r2"].fillna(0.0)
+        ax2.bar(np.arange(len(systems)) + j * 0.4, r2, 0.4, label=t)
+    ax2.set_xticks(np.arange(len(systems)) + 0.2, systems, fontsize=8)
     ax2.axhline(0, color="grey", lw=0.8)
     ax2.set_ylabel("R^2 (N/A drawn as 0)")
     ax2.legend(fontsize=7)
@@ -170,7 +198,30 @@ def language_metrics(hypotheses: dict[str, list[str]], references: list[str]) ->
     return out
 
 
+def write_outputs(args, n, ids, refs, table, summaries, results, names, model_text, prior_text, retrieval_text) -> Path:
+    """metrics.csv/json/md, traits.png, samples.md and language.json in a new directory; returns it."""
+    summary = results["summary"]
+    out = new_run_dir(args.out.parent, args.out.name)
+    atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
+    atomic_write_json(out / "metrics.json", results)  # NaN -> null in the traits' records
+    md = markdown_tables(table, summaries, names, summary["contradictions"])
+    atomic_write_text(out / "metrics.md", md + f"\n{n} test studies, K={args.samples} samples at temperature "
+                      f"{args.temperature}, seed {args.seed}; {summary['generated_reports']} reports generated at "
+                      f"{summary['generation_reports_per_s']} reports/s; {summary['elapsed_s']:.0f}s in all.\n")
+    plot_traits(out / "traits.png", table, names)
+    samples = ["# Generated reports beside their references", ""]
+    for i in range(min(5, n)):
+        samples += [f"## Test study {ids[i]}", "", "Generated (greedy):", "", "```", model_text[i], "```", "",
+                    "Reference:", "", "```", refs[i], "```", ""]
+    atomic_write_text(out / "samples.md", "\n".join(samples))
+    atomic_write_json(out / "language.json", language_metrics(
+        {"model": model_text, "prior": prior_text, "retrieval": retrieval_text}, refs))
+    return out
+
+
 # ------------------------------------------------------------------ main
+
+SCRIPT = "test_inference"
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,28 +241,49 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output directory (default: <run>/eval); eval1, eval2, ... when it exists")
     args = p.parse_args(argv)
-    for flag in ("max_studies", "knn", "bootstrap", "batch_size", "top_k"):
+    for flag in ("max_studies", "knn", "bootstrap", "batch_size", "top_k", "max_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.samples < 0 or args.temperature <= 0:
-        p.error("--samples must be >= 0 and --temperature > 0")
+            fail(SCRIPT, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.samples < 0:
+        fail(SCRIPT, f"--samples must be >= 0, got {args.samples}")
+    if not args.temperature > 0 or not np.isfinite(args.temperature):  # nan fails every comparison
+        fail(SCRIPT, f"--temperature must be a finite number > 0, got {args.temperature}")
+
+    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    args.out = Path(args.out) if args.out else run_dir / "eval"
+    # checked before minutes of generation, not after: the nearest existing folder must take new ones
+    existing = next(p for p in [args.out.parent, *args.out.parent.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        fail(SCRIPT, f"--out {args.out} cannot be created ({existing} is not a writable folder); pass another --out")
 
     t_start = time.perf_counter()
-    device = torch.device(autodetect_device(args.device))
+    try:
+        device = torch.device(autodetect_device(args.device))
+    except RuntimeError as e:
+        fail(SCRIPT, str(e))
     args.batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
-    rules = load_echoprime_rules(args.echoprime_rules) if args.echoprime_rules else None
-    model, tokenizer, info = load_model(args.run, device, which=args.which)
+    try:
+        rules = load_echoprime_rules(args.echoprime_rules) if args.echoprime_rules else None
+    except (FileNotFoundError, ValueError) as e:
+        fail(SCRIPT, f"--echoprime-rules: {e}")
+    try:
+        model, tokenizer, info = load_model(args.run, device, which=args.which)
+    except (FileNotFoundError, ValueError) as e:
+        fail(SCRIPT, f"{e} (--run takes a training run directory, with checkpoints/, or a checkpoint .pt file)")
     dataset = args.dataset or info.get("dataset")
     if not dataset:
-        raise SystemExit("test_inference: the checkpoint does not name its dataset; pass --dataset")
-    ds = open_dataset(dataset)
-    if ds.embed_dim != model.config.embed_dim:
-        raise SystemExit(f"test_inference: {dataset} has {ds.embed_dim}-d embeddings but the model reads "
-                         f"{model.config.embed_dim}-d ones; pass the dataset it was trained on")
-    ids, refs, embeddings = ds.studies("test"), ds.reports("test"), ds.embeddings("test")
+        fail(SCRIPT, f"the checkpoint {info['checkpoint']} does not name its dataset; pass --dataset")
+    try:
+        ds = open_dataset(dataset)
+        if ds.embed_dim != model.config.embed_dim:
+            fail(SCRIPT, f"{dataset} has {ds.embed_dim}-d embeddings but the model reads {model.config.embed_dim}-d "
+                         "ones; pass the dataset it was trained on")
+        ids, refs, embeddings = ds.studies("test"), ds.reports("test"), ds.embeddings("test")
+    except (FileNotFoundError, ValueError) as e:
+        fail(SCRIPT, f"the dataset {dataset} cannot be read: {e}")
     n = len(ids) if args.max_studies is None else min(args.max_studies, len(ids))
     if n < 2:
-        raise SystemExit(f"test_inference: the test split of {dataset} has {len(ids)} studies; at least 2 are needed")
+        fail(SCRIPT, f"the test split of {dataset} has {len(ids)} studies; at least 2 are needed")
     ids, refs, embeddings = ids[:n], refs[:n], embeddings[:n]
     print0(f"scoring {n} test studies of {dataset} with {info['checkpoint']} (step {info.get('step')}) on {device}")
 
@@ -238,10 +310,16 @@ def main(argv=None):
     for t, a in label_arrays(labels([train_reports[i] for i in needed])).items():
         train[t][needed] = a
     retrieval_text = [train_reports[i] for i in neighbours[:, 0]]
+    names = system_names(args.knn)
     systems = {"model": from_reports(labels(model_text), None if model_samples is None else [labels(s) for s in model_samples]),
                "prior": from_reports(labels(prior_text), None if prior_samples is None else [labels(s) for s in prior_samples]),
                "retrieval": {"predicted": {t: train[t][neighbours[:, 0]] for t in TRAITS}, "score": None},
-               "knn50": from_neighbours(train, neighbours)}
+               names[3]: from_neighbours(train, neighbours)}
+    t0 = time.perf_counter()
+    checked = {"model": model_text, "prior": prior_text, "retrieval": retrieval_text, "reference": refs}
+    contradictions = {name: consistency.count(texts) for name, texts in checked.items()}
+    consistency_rate = 4 * n / (time.perf_counter() - t0)
+    print0(f"consistency: {4 * n} reports checked at {consistency_rate:.0f} reports/s")
 
     print0(f"scoring: {args.bootstrap} bootstrap resamples")
     tables, summaries = [], {}
@@ -252,8 +330,10 @@ def main(argv=None):
     table = pd.concat(tables, ignore_index=True)
     table = table[["system"] + [c for c in table.columns if c != "system"]]
     elapsed = time.perf_counter() - t_start
-    summary = {"core_metric": {s: summaries[s]["core_metric"] for s in SYSTEMS},
-               "core_metric_hard": {s: summaries[s]["core_metric_hard"] for s in SYSTEMS},
+    summary = {"core_metric": {s: summaries[s]["core_metric"] for s in names},
+               "core_metric_hard": {s: summaries[s]["core_metric_hard"] for s in names}, "knn_system": names[3],
+               "contradictions_per_1000": {s: contradictions[s]["per_1000"] for s in CONSISTENCY_SOURCES},
+               "contradictions": contradictions, "consistency_reports_per_s": round(consistency_rate, 1),
                "traits_na": summaries["model"]["traits_na"], "n_studies": n, "samples_k": args.samples,
                "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "knn": args.knn,
                "bootstrap": args.bootstrap, "prior": PRIOR_KIND,
@@ -261,26 +341,13 @@ def main(argv=None):
                "generated_reports": gen_n, "generation_s": round(gen_s, 1),
                "generation_reports_per_s": round(gen_n / gen_s, 2), "checkpoint": info["checkpoint"],
                "step": info.get("step"), "dataset": str(dataset), "device": str(device)}
+    results = {"summary": summary, "traits": json.loads(table.to_json(orient="records"))}
 
-    run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
-    out = Path(args.out) if args.out else run_dir / "eval"
-    out = new_run_dir(out.parent, out.name)
-    atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
-    records = json.loads(table.to_json(orient="records"))  # NaN -> null
-    atomic_write_json(out / "metrics.json", {"summary": summary, "traits": records})
-    md = markdown_tables(table, summaries)
-    atomic_write_text(out / "metrics.md", md + f"\n{n} test studies, K={args.samples} samples at temperature "
-                      f"{args.temperature}, seed {args.seed}; {gen_n} reports generated at "
-                      f"{summary['generation_reports_per_s']} reports/s; {elapsed:.0f}s in all.\n")
-    plot_traits(out / "traits.png", table)
-    samples = ["# Generated reports beside their references", ""]
-    for i in range(min(5, n)):
-        samples += [f"## Test study {ids[i]}", "", "Generated (greedy):", "", "```", model_text[i], "```", "",
-                    "Reference:", "", "```", refs[i], "```", ""]
-    atomic_write_text(out / "samples.md", "\n".join(samples))
-    atomic_write_json(out / "language.json", language_metrics(
-        {"model": model_text, "prior": prior_text, "retrieval": retrieval_text}, refs))
-
+    try:
+        out = write_outputs(args, n, ids, refs, table, summaries, results, names, model_text, prior_text, retrieval_text)
+    except OSError as e:
+        fail(SCRIPT, f"writing the evaluation failed ({e}); nothing was overwritten, free space or pass --out", 1)
+    md = (out / "metrics.md").read_text()
     print0(md)
     print0(f"wrote {out} in {elapsed:.0f}s ({summary['generation_reports_per_s']} reports/s generated)")
     return 0
