@@ -102,10 +102,13 @@ def read_corpus(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    raw = path.read_bytes()
     try:
-        content = path.read_text(encoding="utf-8")
+        content = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e}); convert it first") from None
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line} is not UTF-8 text (byte "
+                         f"{raw[e.start:e.start + 1]!r}); convert the file to UTF-8") from None
     # only "\n" ends a line: str.splitlines would also split inside reports at \x0c, \u2028 and the like
     lines = [line.removesuffix("\r") for line in content.split("\n")]
     if path.suffix == ".txt":
