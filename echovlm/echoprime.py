@@ -37,13 +37,22 @@ try:
 except ImportError:
     resource = None
 
+# The release's layout under an EchoPrime checkout: the one home of these names (fetch_echoprime downloads and
+# checks them, this reader and the video encoder read them).
 RELEASE = "v1.0.0"
+PUBLISHED_STUDIES = 1_230_676  # the count the release's authors state; fetch_echoprime notes a different one
+EMBED_DIM = 512  # the width of the release's study embeddings and of the video encoder's output
 PHRASES = Path("assets") / "all_phr.json"
 PHRASE_RULES = Path("assets") / "per_section.json"  # read by load_echoprime_rules, not by the dataset
-CANDIDATES = Path("model_data") / "candidates_data"
+MODEL_DATA = Path("model_data")  # unpacked from the release asset model_data.zip
+CANDIDATES = MODEL_DATA / "candidates_data"
 STUDIES_CSV = CANDIDATES / "candidate_studies.csv"
 REPORTS_PKL = CANDIDATES / "candidate_reports.pkl"
-EMBEDDING_FILES = (CANDIDATES / "candidate_embeddings_p1.pt", CANDIDATES / "candidate_embeddings_p2.pt")
+EMBEDDING_FILES = (CANDIDATES / "candidate_embeddings_p1.pt", CANDIDATES / "candidate_embeddings_p2.pt")  # also assets
+WEIGHTS = MODEL_DATA / "weights"
+ENCODER_WEIGHTS = WEIGHTS / "echo_prime_encoder.pt"
+VIEW_CLASSIFIER_WEIGHTS = WEIGHTS / "view_classifier.pt"
+EXAMPLE_STUDY = MODEL_DATA / "example_study"
 PLACEHOLDERS = ("<numerical>", "<string>")
 FETCH_HINT = "it comes with the EchoPrime release: run `python -m scripts.fetch_echoprime --dest {dir}`"
 

@@ -8,7 +8,9 @@ a complete one. A marker file written last says the whole release is complete an
     python -m scripts.fetch_echoprime --dest ../EchoPrime
     python -m scripts.fetch_echoprime --dest ../EchoPrime --check    # verify only, no network
 
-Exit code 3 means the network is unreachable (speedrun.sh then falls back to synthetic data).
+Exit status: 0 complete, 1 a failure while fetching or a damaged file, 2 bad usage (a --dest that is something
+else, --check on a directory without the release), 3 the network is unreachable (speedrun.sh then falls back to
+synthetic data). The release's layout (file names, study count, embedding width) is echovlm/echoprime.py's.
 """
 
 import argparse
@@ -26,19 +28,26 @@ from pathlib import Path
 
 import torch
 
+from echovlm.common import fail
+from echovlm.echoprime import (CANDIDATES, EMBED_DIM, EMBEDDING_FILES, MODEL_DATA, PHRASES, PUBLISHED_STUDIES, RELEASE,
+                               REPORTS_PKL, STUDIES_CSV)
+
+SCRIPT = "fetch_echoprime"
 REPO_URL = "https://github.com/echonet/EchoPrime.git"
 PINNED_COMMIT = "45609cd072d1e34d90abdc1ea3bc35bd71e7410b"
-RELEASE_URL = "https://github.com/echonet/EchoPrime/releases/download/v1.0.0"
-EMBEDDING_FILES = ["candidate_embeddings_p1.pt", "candidate_embeddings_p2.pt"]
-ASSETS = ["model_data.zip"] + EMBEDDING_FILES
-PUBLISHED_STUDIES = 1_230_676  # the count the release's authors state; a different count is reported, not fatal
-EMBED_DIM = 512
+RELEASE_URL = f"https://github.com/echonet/EchoPrime/releases/download/{RELEASE}"
+MODEL_DATA_ZIP = f"{MODEL_DATA}.zip"
+ASSETS = [MODEL_DATA_ZIP] + [f.name for f in EMBEDDING_FILES]  # the embeddings come as assets of their own
 MARKER = ".echovlm_fetch_complete.json"
 OFFLINE_EXIT = 3
 
 
 class Offline(Exception):
     pass
+
+
+class BadDest(ValueError):
+    """--dest names something that is not (or not yet) an EchoPrime release: the user's to fix (exit 2)."""
 
 
 def run_git(*args, cwd=None):
@@ -56,12 +65,12 @@ def clone_pinned(dest: Path, repo_url: str, commit: str):
     if (dest / ".git").exists():
         head = run_git("rev-parse", "HEAD", cwd=dest)
         if head != commit:
-            raise RuntimeError(f"{dest} is an EchoPrime checkout at {head[:12]}, not the pinned {commit[:12]}. "
+            raise BadDest(f"{dest} is an EchoPrime checkout at {head[:12]}, not the pinned {commit[:12]}. "
                                f"Run `git -C {dest} checkout {commit}` or pass another --dest.")
         print(f"code: {dest} already at {commit[:12]}")
         return
     if dest.exists() and any(p.name != "downloads" for p in dest.iterdir()):
-        raise RuntimeError(f"{dest} exists and is not an EchoPrime git checkout; move it away or pass another --dest")
+        raise BadDest(f"{dest} exists and is not an EchoPrime git checkout; move it away or pass another --dest")
     partial = dest.with_name(dest.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)  # our own half-finished clone from an interrupted run
@@ -143,23 +152,23 @@ def download(url: str, out: Path, timeout: float = 60.0, chunk: int = 1 << 20):
 
 
 def unpack_model_data(zip_path: Path, dest: Path):
-    target = dest / "model_data"
-    if (target / "candidates_data").is_dir():
+    target = dest / MODEL_DATA
+    if (dest / CANDIDATES).is_dir():
         return
     try:
         with zipfile.ZipFile(zip_path) as zf:
             bad = zf.testzip()
             if bad is not None:
                 raise RuntimeError(f"{zip_path} is corrupt (CRC error in {bad}); delete it and run again")
-            tmp = dest / "model_data.unpacking"
+            tmp = dest / f"{MODEL_DATA}.unpacking"
             if tmp.exists():
                 shutil.rmtree(tmp)
             zf.extractall(tmp)
     except zipfile.BadZipFile as e:
         raise RuntimeError(f"{zip_path} is not a valid zip ({e}); delete it and run again") from None
-    inner = tmp / "model_data" if (tmp / "model_data").is_dir() else tmp
-    if not (inner / "candidates_data").is_dir():
-        raise RuntimeError(f"{zip_path} has no model_data/candidates_data/ inside; is it the EchoPrime v1.0.0 asset?")
+    inner = tmp / MODEL_DATA if (tmp / MODEL_DATA).is_dir() else tmp
+    if not (inner / CANDIDATES.name).is_dir():
+        raise RuntimeError(f"{zip_path} has no {CANDIDATES}/ inside; is it the EchoPrime {RELEASE} asset?")
     inner.rename(target)
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"unpacked: {target}")
@@ -167,28 +176,26 @@ def unpack_model_data(zip_path: Path, dest: Path):
 
 def verify(dest: Path) -> dict:
     """Check what the prepare step relies on; name the file that is wrong."""
-    cand = dest / "model_data" / "candidates_data"
-    needed = [dest / "assets" / "all_phr.json", cand / "candidate_studies.csv", cand / "candidate_reports.pkl"]
-    needed += [cand / name for name in EMBEDDING_FILES]
+    needed = [dest / f for f in (PHRASES, STUDIES_CSV, REPORTS_PKL, *EMBEDDING_FILES)]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
-        raise RuntimeError("EchoPrime release incomplete, missing: " + ", ".join(missing)
-                           + "; run `python -m scripts.fetch_echoprime` to fetch it")
+        raise BadDest("EchoPrime release incomplete, missing: " + ", ".join(missing)
+                      + "; run `python -m scripts.fetch_echoprime` to fetch it")
     rows = []
-    for name in EMBEDDING_FILES:
+    for path in (dest / f for f in EMBEDDING_FILES):
         try:
-            t = torch.load(cand / name, map_location="cpu", weights_only=True, mmap=True)
+            t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise RuntimeError(f"{cand / name} cannot be loaded as a tensor file ({e}); delete it and run again") from None
+            raise RuntimeError(f"{path} cannot be loaded as a tensor file ({e}); delete it and run again") from None
         if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[1] != EMBED_DIM:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise RuntimeError(f"{cand / name}: expected an (N, {EMBED_DIM}) tensor, found {shape}")
+            raise RuntimeError(f"{path}: expected an (N, {EMBED_DIM}) tensor, found {shape}")
         rows.append(t.shape[0])
-    with open(cand / "candidate_studies.csv", newline="") as f:
+    with open(dest / STUDIES_CSV, newline="") as f:
         n_studies = sum(1 for _ in csv.DictReader(f))
     if sum(rows) != n_studies:
         raise RuntimeError(f"embedding rows ({' + '.join(map(str, rows))} = {sum(rows)}) != rows of "
-                           f"{cand / 'candidate_studies.csv'} ({n_studies}): one of these files is damaged")
+                           f"{dest / STUDIES_CSV} ({n_studies}): one of these files is damaged")
     if n_studies != PUBLISHED_STUDIES:
         print(f"note: {n_studies:,} studies, the release notes state {PUBLISHED_STUDIES:,}")
     return {"studies": n_studies, "embedding_rows": rows, "embed_dim": EMBED_DIM}
@@ -202,40 +209,42 @@ def fetch(dest: Path, repo_url=REPO_URL, commit=PINNED_COMMIT, release_url=RELEA
     downloads.mkdir(exist_ok=True)
     for name in ASSETS:
         download(f"{release_url}/{name}", downloads / name)
-    unpack_model_data(downloads / "model_data.zip", dest)
-    cand = dest / "model_data" / "candidates_data"
-    for name in EMBEDDING_FILES:
-        if not (cand / name).exists():
-            shutil.copy2(downloads / name, cand / name)  # copy, not move: the verified download stays resumable-proof
+    unpack_model_data(downloads / MODEL_DATA_ZIP, dest)
+    for f in EMBEDDING_FILES:
+        if not (dest / f).exists():
+            shutil.copy2(downloads / f.name, dest / f)  # copy, not move: the verified download stays resumable-proof
     info = verify(dest)
     info.update(commit=commit, release=release_url, fetched_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (dest / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dest", default="../EchoPrime", help="where the EchoPrime checkout and release go")
+    p.add_argument("--dest", default="../EchoPrime", help="where the EchoPrime checkout and release go (default: %(default)s)")
     p.add_argument("--check", action="store_true", help="only verify an existing download (no network)")
-    p.add_argument("--repo-url", default=REPO_URL)
-    p.add_argument("--commit", default=PINNED_COMMIT)
-    p.add_argument("--release-url", default=RELEASE_URL)
-    args = p.parse_args(argv)
+    p.add_argument("--repo-url", default=REPO_URL, help="EchoPrime's git repository (default: %(default)s)")
+    p.add_argument("--commit", default=PINNED_COMMIT, help="the commit to check out (default: the pinned %(default)s)")
+    p.add_argument("--release-url", default=RELEASE_URL, help="where the release assets are (default: %(default)s)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     dest = Path(args.dest).resolve()
     try:
         if args.check or (dest / MARKER).exists():
             info = verify(dest)
-            print(f"EchoPrime release at {dest}: complete, {info['studies']:,} studies")
-            return 0
-        info = fetch(dest, args.repo_url, args.commit, args.release_url)
-        print(f"EchoPrime release at {dest}: complete, {info['studies']:,} studies")
-        return 0
+        else:
+            info = fetch(dest, args.repo_url, args.commit, args.release_url)
     except Offline as e:
-        print(f"fetch_echoprime: network unreachable ({e})", file=sys.stderr)
-        return OFFLINE_EXIT
-    except RuntimeError as e:
-        print(f"fetch_echoprime: {e}", file=sys.stderr)
-        return 1
+        fail(SCRIPT, f"network unreachable ({e}); run it where github.com can be reached", OFFLINE_EXIT)
+    except BadDest as e:
+        fail(SCRIPT, str(e), 2)
+    except (RuntimeError, OSError) as e:
+        fail(SCRIPT, str(e), 1)
+    print(f"EchoPrime release at {dest}: complete, {info['studies']:,} studies")
+    return 0
 
 
 if __name__ == "__main__":

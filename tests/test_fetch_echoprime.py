@@ -80,6 +80,14 @@ def release(tmp_path):
     server.shutdown()
 
 
+def run(argv) -> int:
+    """fe.main's exit status: its return value, or the code of the one-line fail() that stopped it."""
+    try:
+        return fe.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def fetch_args(release, dest):
     return ["--dest", str(dest), "--repo-url", release["repo"], "--commit", release["commit"],
             "--release-url", release["url"]]
@@ -88,7 +96,7 @@ def fetch_args(release, dest):
 def test_fetch_resumes_truncated_download_and_marks_complete(release, tmp_path, capsys):
     dest = tmp_path / "EchoPrime"
     RangeHandler.truncate_once = {"model_data.zip"}
-    assert fe.main(fetch_args(release, dest)) == 1
+    assert run(fetch_args(release, dest)) == 1
     err = capsys.readouterr().err
     assert "model_data.zip" in err and ("truncated" in err or "broke off" in err)
     part = dest / "downloads" / "model_data.zip.part"
@@ -109,18 +117,18 @@ def test_fetch_resumes_truncated_download_and_marks_complete(release, tmp_path, 
 
 def test_count_mismatch_names_the_files(release, tmp_path, capsys):
     torch.save(torch.randn(5, 512), release["served"] / "candidate_embeddings_p2.pt")  # 4 + 5 != 7 studies
-    assert fe.main(fetch_args(release, tmp_path / "EP")) == 1
+    assert run(fetch_args(release, tmp_path / "EP")) == 1
     err = capsys.readouterr().err
     assert "candidate_studies.csv" in err and "4 + 5" in err
 
 
 def test_wrong_width_and_corrupt_zip(release, tmp_path, capsys):
     torch.save(torch.randn(4, 256), release["served"] / "candidate_embeddings_p1.pt")
-    assert fe.main(fetch_args(release, tmp_path / "A")) == 1
+    assert run(fetch_args(release, tmp_path / "A")) == 1
     assert "candidate_embeddings_p1.pt: expected an (N, 512) tensor" in capsys.readouterr().err
 
     (release["served"] / "model_data.zip").write_bytes(b"PK\x03\x04 this is not a zip")
-    assert fe.main(fetch_args(release, tmp_path / "B")) == 1
+    assert run(fetch_args(release, tmp_path / "B")) == 1
     assert "not a valid zip" in capsys.readouterr().err
 
 
@@ -128,12 +136,24 @@ def test_offline_exit_code(tmp_path, capsys):
     # port 9 on loopback: nothing listens, so the connection is refused at once
     args = ["--dest", str(tmp_path / "EP"), "--repo-url", "http://127.0.0.1:9/EchoPrime.git",
             "--release-url", "http://127.0.0.1:9"]
-    assert fe.main(args) == fe.OFFLINE_EXIT
+    assert run(args) == fe.OFFLINE_EXIT
     captured = capsys.readouterr()
     assert "network unreachable" in captured.err
     assert "ACADEMIC, NON-COMMERCIAL" in captured.out  # the terms come before anything is fetched
 
 
 def test_check_reports_missing_files(tmp_path, capsys):
-    assert fe.main(["--dest", str(tmp_path), "--check"]) == 1
-    assert "missing" in capsys.readouterr().err
+    # bad input: the directory named is not a release; one line on stderr, exit 2
+    assert run(["--dest", str(tmp_path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fetch_echoprime: EchoPrime release incomplete, missing") and err.count("\n") == 1
+
+
+def test_dest_that_is_something_else_is_bad_input(tmp_path, capsys):
+    (tmp_path / "EP").mkdir()
+    (tmp_path / "EP" / "notes.txt").write_text("mine")
+    args = ["--dest", str(tmp_path / "EP"), "--repo-url", "http://127.0.0.1:9/EchoPrime.git", "--release-url", "http://127.0.0.1:9"]
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert "is not an EchoPrime git checkout" in err and err.count("\n") == 1
+    assert (tmp_path / "EP" / "notes.txt").read_text() == "mine"
