@@ -9,7 +9,7 @@ import pytest
 
 from echovlm.dataset import (FILES, SPLITS, DatasetWriter, assign_splits, default_split_sizes, existing_status,
                              open_dataset)
-from echovlm.synthetic import generate
+from echovlm.synthetic import iter_chunks
 from scripts.prepare_dataset import main as prepare_main
 
 SYN = ["--source", "synthetic", "--n-studies", "300", "--embed-dim", "16", "--seed", "5"]
@@ -34,8 +34,10 @@ def synthetic_ds(tmp_path_factory):
 
 def test_synthetic_round_trip(synthetic_ds):
     ds = synthetic_ds
-    truth = generate(300, seed=5, videos_per_study=2, embed_dim=16)
-    index = {s: i for i, s in enumerate(truth.studies)}
+    chunks = list(iter_chunks(300, seed=5, videos_per_study=2, embed_dim=16))  # what prepare_dataset streamed
+    true_studies, true_reports = [x for c in chunks for x in c.studies], [x for c in chunks for x in c.reports]
+    true_embeddings = np.concatenate([c.embeddings for c in chunks])
+    index = {s: i for i, s in enumerate(true_studies)}
     counts = ds.meta["counts"]
     assert sum(counts.values()) == 300 and 30 <= counts["val"] <= 34 and 30 <= counts["test"] <= 34
     assert ds.embed_dim == 16 and ds.meta["embed_dim"] == 16 and ds.meta["settings"]["videos_per_study"] == 2
@@ -45,13 +47,13 @@ def test_synthetic_round_trip(synthetic_ds):
         assert len(studies) == len(reports) == len(embs) == ds.meta["counts"][split]
         for study, report, e in zip(studies, reports, embs):
             i = index[study]
-            assert report == truth.reports[i]
+            assert report == true_reports[i]
             assert e.dtype == np.float32 and e.shape == (2, 16)
-            np.testing.assert_allclose(e, truth.embeddings[2 * i:2 * i + 2], atol=1e-3)  # float16 storage
+            np.testing.assert_allclose(e, true_embeddings[2 * i:2 * i + 2], atol=1e-3)  # float16 storage
         # source order is kept within a split
         assert [index[s] for s in studies] == sorted(index[s] for s in studies)
         seen += studies
-    assert sorted(seen) == sorted(truth.studies)
+    assert sorted(seen) == sorted(true_studies)
 
 
 def test_embedding_block_is_a_contiguous_memmap(synthetic_ds):
