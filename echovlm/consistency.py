@@ -142,11 +142,15 @@ PREFILTER_RE = re.compile(r"steno|regurg|insuffic|\b(?:mr|tr|ar|ai|pr)\b|dilat|e
 
 _GAP = r"(?:(?!gradient|velocity|tapse|collaps|\bef\b|fraction|diameter)[^\d;%]){0,40}?"
 _NUMBER = r"(?P<neg>-\s?|minus |negative )?(?P<a>\d{1,3}(?:\.\d+)?)(?:\s*%?\s*(?:-|to)\s*(?P<b>\d{1,3}(?:\.\d+)?))?"
-VALUE_RULES = {  # name -> (key pattern, units that make it another measurement, plausible low, high, tolerance)
-    "LVEF": (re.compile(rf"(?:{'|'.join(VALUES['ejection_fraction'].keys)}){_GAP}{_NUMBER}"),
-             re.compile(r"\s*(?:mmhg|cm|mm\b|m/s|ml|cm2|ms\b|sec)"), 5.0, 90.0, 10.0),
-    "PA systolic pressure": (re.compile(rf"(?:{'|'.join(VALUES['pulmonary_artery_pressure_continuous'].keys)}){_GAP}{_NUMBER}"),
-                             re.compile(r"\s*(?:%|percent|cm|mm\b|m/s|ml|cm2|ms\b|sec)"), 10.0, 150.0, 15.0),
+# the number must end in its unit, or end the sentence or clause ("LVEF 55." / "EF 55, ..."), as the extractor
+# reads it: "EF by method of discs 4 chamber 55%" is no LVEF of 4
+_END = r"(?=\s*(?:$|[,(]))"
+VALUE_RULES = {  # name -> (key, number and unit, plausible low, high, tolerance between two statements)
+    "LVEF": (re.compile(rf"(?:{'|'.join(VALUES['ejection_fraction'].keys)}){_GAP}{_NUMBER}"
+                        rf"(?:\s*(?:%|percent)|{_END})"), 5.0, 90.0, 10.0),
+    "PA systolic pressure": (re.compile(rf"(?:{'|'.join(VALUES['pulmonary_artery_pressure_continuous'].keys)}){_GAP}"
+                                        rf"{_NUMBER}(?:\s*(?:(?:\+|plus)\s*(?:cvp|rap|ra pressure)\s*)?mmhg|{_END})"),
+                             10.0, 150.0, 15.0),
 }
 # the EF a systolic function grade allows: contradicted at EF >= upper(lowest grade) or EF < lower(highest grade)
 EF_UPPER = {0.0: float("inf"), 0.5: 60, 0.75: 60, 1.0: 60, 1.5: 55, 2.0: 50, 2.5: 45, 3.0: 40}
@@ -273,9 +277,9 @@ def values(sents: list[str]) -> dict[str, list[tuple[float, int]]]:
     for i, sentence in enumerate(sents):
         if not _DIGIT_RE.search(sentence):
             continue
-        for name, (pattern, other_unit, *_) in VALUE_RULES.items():
+        for name, (pattern, *_) in VALUE_RULES.items():
             for m in pattern.finditer(sentence):
-                if other_unit.match(sentence, m.end()) or m["a"].startswith("0."):
+                if m["a"].startswith("0."):  # "EF 0.55": a fraction, not a percentage
                     continue
                 v = (float(m["a"]) + float(m["b"])) / 2 if m["b"] else float(m["a"])
                 out[name].append((-v if m["neg"] else v, i))
@@ -345,7 +349,7 @@ def conflicting_values(sents, facts, vals) -> list[Contradiction]:
 
 def impossible_value(sents, facts, vals) -> list[Contradiction]:
     out = []
-    for name, (_, _, low, high, _) in VALUE_RULES.items():
+    for name, (_, low, high, _) in VALUE_RULES.items():
         for v, i in vals[name]:
             if not low <= v <= high:
                 out.append(Contradiction("impossible_value", f"{name} {v:g} outside {low:g}-{high:g}", (sents[i],)))

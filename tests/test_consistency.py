@@ -72,6 +72,7 @@ CASES = [
      "Pulmonary Artery: PASP 30 mmHg. RVSP 35 mmHg."),
     ("impossible_value", "Left Ventricle: LVEF 95%.", "Left Ventricle: LVEF 75%."),
     ("impossible_value", "Left Ventricle: LVEF 3%.", "Left Ventricle: LVEF 10%."),
+    ("impossible_value", "Left Ventricle: The ejection fraction is 2.", "Left Ventricle: EF by method of discs 4 chamber."),
     ("impossible_value", "Pulmonary Artery: PASP -5 mmHg.", "Pulmonary Artery: PASP 25 mmHg."),
     ("impossible_value", "Pulmonary Artery: The estimated PA systolic pressure is 180 mmHg.",
      "Pulmonary Artery: The estimated PA systolic pressure is 80 mmHg."),
@@ -89,6 +90,30 @@ CASES = [
 def test_rule_trips_on_one_report_and_not_on_the_close_one(rule, trips, close):
     assert rule in rules_of(trips), (trips, contradictions(trips))
     assert rules_of(close) == [], (close, contradictions(close))
+
+
+# consistent reports in other styles than the synthetic generator's: several findings per sentence, hedges,
+# comparisons with earlier studies, devices, numbers of other measurements beside the keys
+CONSISTENT = [
+    "Left Ventricle: The left ventricle is normal in size and function. LVEF: 60-65%. Normal diastolic function.",
+    "Left Ventricle: Moderately dilated left ventricle with severe global hypokinesis. LVEF 20-25% by biplane. "
+    "Grade II diastolic dysfunction.",
+    "Mitral Valve: Mildly thickened leaflets. There is mild (1+) mitral regurgitation. No mitral stenosis.",
+    "Aortic Valve: Trileaflet aortic valve with mild sclerosis but no stenosis. Trace aortic regurgitation.",
+    "Tricuspid Valve: Trivial tricuspid regurgitation. RVSP 28 mmHg assuming RA pressure of 3 mmHg.",
+    "Aorta: Normal aortic root. The ascending aorta is mildly dilated at 4.1 cm.",
+    "Mitral Valve: Status post MitraClip with mild residual mitral regurgitation. Severe mitral regurgitation "
+    "prior to the procedure.",
+    "Left Ventricle: Left ventricular systolic function is mildly reduced, EF 45-50%. Mild inferior hypokinesis.",
+    "Left Ventricle: Normal LV systolic function with an estimated EF of 55%. [SEP] Right Ventricle: Normal RV size "
+    "and function. [SEP] Pericardium: No effusion.",
+    "Right Atrium: Normal right atrial size. Pacemaker wire seen in the right atrium and right ventricle.",
+]
+
+
+@pytest.mark.parametrize("report", CONSISTENT)
+def test_consistent_reports_in_other_styles_trip_nothing(report):
+    assert contradictions(report) == []
 
 
 def test_every_rule_has_hand_written_cases():
@@ -123,10 +148,11 @@ def test_count_gives_the_rate_per_thousand_reports():
 
 
 def test_synthetic_reference_reports_are_consistent_and_checked_fast():
-    reports = next(iter_chunks(400, seed=3)).reports
-    t0 = time.perf_counter()
+    reports = next(iter_chunks(300, seed=3, embed_dim=2)).reports
+    t0 = time.process_time()  # CPU time: other processes on a shared machine do not make it fail
     c = count(reports)
-    rate = len(reports) / (time.perf_counter() - t0)
+    rate = len(reports) / max(time.process_time() - t0, 1e-9)
     # the generator writes one statement per finding, agreeing with its numbers: the floor is zero
     assert c["contradictions"] == 0, [(r, contradictions(r)) for r in reports if contradictions(r)][:3]
-    assert rate > 100, f"{rate:.0f} reports/s"  # ~700-1,000/s on one core; an RL reward calls it per sample
+    # ~1,300 reports/s measured on one core of the dev machine; an RL reward calls it for every sample
+    assert rate > 200, f"{rate:.0f} reports/s"
