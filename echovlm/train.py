@@ -8,8 +8,10 @@ files every run writes. The CLIs parse flags, own the run directory and the loop
 import csv
 import json
 import math
+import os
 import resource
 import signal
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from echovlm.common import atomic_write_text
+from echovlm.common import atomic_write_text, get_rank
 from echovlm.dataset import open_dataset
 from echovlm.gpt import GPT, GPTConfig
 from echovlm.loader import DeviceSplit, TrainLoader
@@ -120,7 +122,7 @@ def find_tokenizer(dataset_path: Path, vocab_size: int | None) -> Path:
 def read_split_tokens(tok_dir: Path, split: str, n_studies: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, offsets) of one split as scripts.tok_train wrote them, checked against the dataset's split size
     and the tokenizer's vocabulary, so a truncated, pickled, swapped or stale file is a clear ValueError."""
-    retrain = f"re-run `python -m scripts.tok_train --dataset {tok_dir.parent} --force`"
+    retrain = _retrain_hint(tok_dir)
     arrays = []
     for kind in ("tokens", "offsets"):
         path = tok_dir / f"{split}_{kind}.npy"
@@ -147,6 +149,14 @@ def read_split_tokens(tok_dir: Path, split: str, n_studies: int, vocab_size: int
         raise ValueError(f"{tok_dir}/{split}_tokens.npy holds token id {int(tokens.max())}, beyond the tokenizer's "
                          f"{vocab_size} tokens: it was encoded with another tokenizer; {retrain}")
     return tokens, offsets
+
+
+def _retrain_hint(tok_dir: Path) -> str:
+    try:
+        size = f" --vocab-size {int(json.loads((tok_dir / STATS_FILE).read_text())['settings']['vocab_size'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        size = ""
+    return f"re-encode with `python -m scripts.tok_train --dataset {tok_dir.parent}{size} --out {tok_dir} --force`"
 
 
 def _device_split(dataset, split, tok_dir, tokenizer, sequence_len, device, pad_multiple):
@@ -188,10 +198,18 @@ class StopSignals:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.signum is not None:
-            print0(f"{self.script}: {name} again: stopping now without saving (the last checkpoint written is kept)")
+            self._say(f"{name} again: stopping now without saving (the last checkpoint written is kept)")
             raise SystemExit(128 + signum)
         self.signum = signum
-        print0(f"{self.script}: {name}: finishing this step and saving it (send it again to stop at once)")
+        self._say(f"{name}: finishing this step and saving it (send it again to stop at once)")
+
+    def _say(self, message: str):
+        # straight to the file descriptor: the signal may have interrupted a print, which must not be re-entered
+        if get_rank() == 0:
+            try:
+                os.write(sys.stderr.fileno(), f"{self.script}: {message}\n".encode())
+            except (OSError, ValueError):
+                pass
 
     @property
     def requested(self) -> bool:
@@ -305,12 +323,14 @@ def read_csv(path: Path, upto_step: int) -> list[dict]:
     return [r for r in rows if r["step"] <= upto_step]
 
 
-def plot(run_dir: Path, train_rows: list[dict], val_rows: list[dict]):
+def plot(run_dir: Path, train_rows: list[dict], val_rows: list[dict], train_keys=("loss",),
+         val_keys=("val_loss", "val_bpb")):
+    """train.png and val.png: one panel per key against the step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for name, rows, keys in (("train", train_rows, ["loss"]), ("val", val_rows, ["val_loss", "val_bpb"])):
+    for name, rows, keys in (("train", train_rows, train_keys), ("val", val_rows, val_keys)):
         if not rows:
             continue
         fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)

@@ -8,6 +8,8 @@ real learning while the suite stays fast.
 import csv
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from echovlm.dataset import open_dataset
 from echovlm.gpt import GPT
 from echovlm.loader import DeviceSplit, TrainLoader
 from echovlm.tokenizer import Tokenizer
-from echovlm.train import find_tokenizer, read_split_tokens
+from echovlm.train import HARDWARE_DEFAULTS, OPTIM_DEFAULTS, find_tokenizer, read_split_tokens
 from scripts import base_train, prepare_dataset, tok_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,3 +267,171 @@ def test_resume_refuses_a_run_without_checkpoint(tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("base_train: ") and "before its first checkpoint" in err and "\n" not in err
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def stopped(capsys, argv, code=2) -> str:
+    with pytest.raises(SystemExit) as stop:
+        base_train.main(argv)
+    assert stop.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("base_train: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-steps", "-1"], "--num-steps must be >= 1"), (["--num-steps", "0"], "--num-steps must be >= 1"),
+    (["--epochs", "0"], "--epochs must be a number > 0"), (["--epochs", "nan"], "--epochs must be a number > 0"),
+    (["--final-lr-frac", "2"], "--final-lr-frac must be in [0, 1]"), (["--matrix-lr", "-1"], "--matrix-lr must be"),
+])
+def test_a_training_length_below_one_step_is_refused(dataset, tmp_path, capsys, flags, message):
+    argv = train_flags(dataset, tmp_path, "bad")
+    argv = [a for i, a in enumerate(argv) if "--num-steps" not in argv[max(i - 1, 0):i + 1]] + flags
+    assert message in stopped(capsys, argv)
+    assert not list(tmp_path.iterdir())  # no run dir left behind
+
+
+def damage(dataset: Path, tmp: Path, fault: str) -> Path:
+    """A copy of the dataset with one fault (the copy's tokenizer directory keeps its name)."""
+    import shutil
+    copy = tmp / "data"
+    shutil.copytree(dataset, copy)
+    tok = find_tokenizer(copy, None)
+    if fault == "truncated tokens":
+        raw = (tok / "train_tokens.npy").read_bytes()
+        (tok / "train_tokens.npy").write_bytes(raw[:len(raw) // 2])
+    elif fault == "missing offsets":
+        (tok / "val_offsets.npy").unlink()
+    elif fault == "pickled tokens":
+        np.save(tok / "train_tokens.npy", np.array([[1, 2], "x"], dtype=object), allow_pickle=True)
+    elif fault == "truncated offsets":
+        np.save(tok / "train_offsets.npy", np.load(tok / "train_offsets.npy")[:-5])
+    elif fault == "swapped splits":
+        for kind in ("tokens", "offsets"):
+            a, b = tok / f"train_{kind}.npy", tok / f"val_{kind}.npy"
+            a.rename(tok / "tmp.npy")
+            b.rename(a)
+            (tok / "tmp.npy").rename(b)
+    elif fault == "edited tokenizer":
+        ranks = tok / "tokenizer.tiktoken"
+        ranks.write_text(ranks.read_text().replace(" 0\n", " 1\n", 1))
+    elif fault == "edited reports":
+        lines = (copy / "reports.jsonl").read_text().splitlines()
+        rec = json.loads(lines[3])
+        lines[3] = json.dumps({**rec, "report": rec["report"] + " Edited."})
+        (copy / "reports.jsonl").write_text("\n".join(lines) + "\n")
+    elif fault == "no tokenizer":
+        shutil.rmtree(tok)
+    return copy
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("truncated tokens", "train_tokens.npy cannot be read"), ("missing offsets", "val_offsets.npy is missing"),
+    ("pickled tokens", "train_tokens.npy cannot be read"), ("truncated offsets", "covers"),
+    ("swapped splits", "but the dataset's train split has"), ("edited tokenizer", "does not match the checksum"),
+    ("edited reports", "made from other reports"), ("no tokenizer", "no tokenizer in"),
+])
+def test_each_damaged_input_is_one_line_and_leaves_no_run_dir(dataset, tmp_path, capsys, fault, message):
+    copy = damage(dataset, tmp_path, fault)
+    runs = tmp_path / "runs"
+    err = stopped(capsys, train_flags(copy, runs, "bad"))
+    assert message in err and "Traceback" not in err, err
+    if fault not in ("edited tokenizer", "no tokenizer"):  # tok_train can mend these
+        assert f"--vocab-size 300 --out {find_tokenizer(copy, None)} --force" in err or "tok_train" in err, err
+    assert not runs.exists() or not list(runs.iterdir())
+
+
+def test_a_batch_that_does_not_divide_is_one_line(dataset, tmp_path, capsys):
+    argv = train_flags(dataset, tmp_path, "bad") + ["--total-batch-size", "10"]
+    assert "must be a multiple of --device-batch-size" in stopped(capsys, argv)
+    assert not list(tmp_path.iterdir())
+
+
+def test_help_states_the_defaults_the_code_uses():
+    parser = base_train.build_parser()
+    helps = {a.dest: a.help or "" for a in parser._actions}
+    for name, value in OPTIM_DEFAULTS.items():
+        assert parser.get_default(name) == value and f"default {value:g}" in helps[name], name
+    for device, label in (("cuda", "CUDA"), ("cpu", "CPU")):
+        for name, value in HARDWARE_DEFAULTS[device].items():
+            if value is not None:
+                assert re.search(rf"\b{value:g}\b[^,)]*{label}|{label} default {value:g}\b", helps[name]), (name, helps[name])
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_a_finished_run_resumed_does_nothing_and_says_so(full_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    summary = (run / "train_summary.json").read_bytes()
+    assert base_train.main(["--resume", str(run)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (run / "train_summary.json").read_bytes() == summary
+    # killed after its last checkpoint but before the summary: the summary is written from the run's own rows
+    (run / "train_summary.json").unlink()
+    assert base_train.main(["--resume", str(run)]) == 0
+    rebuilt = json.loads((run / "train_summary.json").read_text())
+    assert rebuilt["tokens_per_sec"] > 0 and rebuilt["padding_fraction"] is not None
+    assert rebuilt["best_val_bpb"] == json.loads(summary)["best_val_bpb"]
+
+
+def test_a_resume_with_other_settings_stops_and_names_them(full_run, dataset, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    before = sorted(p.name for p in run.rglob("*"))
+    err = stopped(capsys, ["--resume", str(run), "--depth", "2", "--seed", "3", "--num-steps", "20"])
+    assert "--depth 2 (the run has 1)" in err and "--num-steps 20 (the run has 12)" in err and "--seed" not in err
+    assert "start a new run without --resume" in err
+    assert sorted(p.name for p in run.rglob("*")) == before
+    # the same settings again (as speedrun.sh passes them) are no difference
+    assert base_train.main(["--resume", str(run), *train_flags(dataset, tmp_path, "full", steps=12)]) == 0
+
+
+def test_train_csv_keeps_every_row_when_saves_fall_between_log_lines(dataset, tmp_path, monkeypatch):
+    real_next = TrainLoader.next
+    calls = {"n": 0}
+
+    def killed_after_7_steps(self):
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_next(self)
+
+    flags = train_flags(dataset, tmp_path, "gaps", steps=12, extra=["--save-every", "3", "--log-every", "4"])
+    monkeypatch.setattr(TrainLoader, "next", killed_after_7_steps)
+    with pytest.raises(KeyboardInterrupt):
+        base_train.main(flags)
+    monkeypatch.setattr(TrainLoader, "next", real_next)
+    assert read_checkpoint(tmp_path / "gaps" / "checkpoints" / "last.pt")["step"] == 6
+    assert base_train.main(["--resume", str(tmp_path / "gaps")]) == 0
+    assert [int(r["step"]) for r in read_rows(tmp_path / "gaps" / "train.csv")] == list(range(1, 13))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_the_step_and_the_run_resumes(dataset, tmp_path, sig, code):
+    """A real signal to a real training process: it finishes the step, saves last.pt there, says how to resume,
+    exits 128 + the signal; the resume then completes the run with every step's row."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    flags = train_flags(dataset, tmp_path, "sig", steps=100, extra=["--eval-every", "1000", "--log-every", "1"])
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *flags], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("step ") and "| loss" in line:
+            proc.send_signal(sig)
+            break
+    out.append(proc.stdout.read())
+    assert proc.wait(timeout=120) == code, "".join(out)
+    text = "".join(out)
+    assert "Traceback" not in text and f"continue with: python -m scripts.base_train --resume {tmp_path / 'sig'}" in text
+    step = read_checkpoint(tmp_path / "sig" / "checkpoints" / "last.pt")["step"]
+    assert 1 <= step < 100 and f"stopped by {sig.name} at step {step}/100" in text
+    assert [int(r["step"]) for r in read_rows(tmp_path / "sig" / "train.csv")] == list(range(1, step + 1))
+    if sig == signal.SIGINT:
+        again = subprocess.run([sys.executable, "-m", "scripts.base_train", "--resume", str(tmp_path / "sig")],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        assert [int(r["step"]) for r in read_rows(tmp_path / "sig" / "train.csv")] == list(range(1, 101))
