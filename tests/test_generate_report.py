@@ -9,7 +9,6 @@ weights tests use the real builders, which check the file before building anythi
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -17,27 +16,17 @@ import torch
 from echovlm import study_report, video
 from echovlm.checkpoint import load_model
 from echovlm.clinical import TRAITS, extract_labels
-from echovlm.dataset import open_dataset
 from echovlm.engine import Engine
-from echovlm.tokenizer import Tokenizer
-from scripts import base_train, generate_report, prepare_dataset, tok_train
+from scripts import generate_report
 
 SNAP_TARGET = 5  # the training study whose embedding the stand-in encoder returns
 JSON_KEYS = {"report", "findings", "videos", "skipped", "conditioning", "snapped_to", "reference_report", "warnings",
              "provenance", "seconds"}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("generate_report")
-    data = tmp / "data"
-    assert prepare_dataset.main(["--source", "synthetic", "--n-studies", "300", "--seed", "0", "--val-size", "20",
-                                 "--test-size", "20", "--out", str(data)]) == 0
-    assert tok_train.main(["--dataset", str(data), "--vocab-size", "300"]) == 0
-    assert base_train.main(["--dataset", str(data), "--run-dir", str(tmp / "runs"), "--run-name", "model",
-                            "--depth", "1", "--num-steps", "2", "--total-batch-size", "4", "--device-batch-size", "4",
-                            "--eval-every", "2", "--eval-studies", "4", "--device", "cpu", "--seed", "0"]) == 0
-    return tmp / "runs" / "model", open_dataset(data)
+@pytest.fixture
+def run(trained_run):
+    return trained_run
 
 
 def generate(run_dir, *args):
@@ -104,7 +93,7 @@ def test_study_writes_json_and_markdown_and_never_overwrites(run, tmp_path, caps
 
 def test_printed_report_has_one_section_per_line(run, monkeypatch, capsys):
     run_dir, _ = run
-    tok = Tokenizer.load(run[1].path / "tokenizer")
+    tok = load_model(run[0], "cpu")[1]  # the tokenizer the model was trained with
     # what a model that dropped a newline (and doubled another) writes
     text = "Left Ventricle: Normal size. Right Ventricle: Normal size.\n\nAorta: The aortic root is normal."
     monkeypatch.setattr(Engine, "generate", lambda self, embeddings, **kw: [[tok.encode(text)]])
@@ -155,27 +144,15 @@ def test_unreadable_embedding_file(run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ videos
-def write_video(path: Path, n_frames: int, seed: int):
-    frames = np.random.default_rng(seed).integers(0, 256, (n_frames, 64, 80, 3), dtype=np.uint8)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mjpeg" if path.suffix == ".avi" else "libx264", rate=30)
-        stream.width, stream.height = 80, 64
-        stream.pix_fmt = "yuvj420p" if path.suffix == ".avi" else "yuv420p"
-        for f in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
 @pytest.fixture
-def study(tmp_path):
+def study(tmp_path, make_video):
     """Three short clips, a one-frame video and a corrupt DICOM (both skipped), a text file (ignored)."""
     folder = tmp_path / "study"
     (folder / "sub").mkdir(parents=True)
-    write_video(folder / "a.avi", 12, 0)
-    write_video(folder / "b.mp4", 40, 1)
-    write_video(folder / "sub" / "c.mp4", 6, 2)
-    write_video(folder / "still.mp4", 1, 3)
+    make_video(folder / "a.avi", 12, 0)
+    make_video(folder / "b.mp4", 40, 1)
+    make_video(folder / "sub" / "c.mp4", 6, 2)
+    make_video(folder / "still.mp4", 1, 3)
     (folder / "broken.dcm").write_bytes(b"\0" * 200)
     (folder / "notes.txt").write_text("not a video")
     return folder
@@ -272,13 +249,13 @@ def test_missing_or_mismatched_weights(run, tmp_path, study):
     assert "echo_prime_encoder.pt does not fit" in message
 
 
-def test_study_without_videos(run, tmp_path, stand_ins):
+def test_study_without_videos(run, tmp_path, stand_ins, make_video):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no videos here")
     allow = "--allow-synthetic-model"
     assert "no DICOM/AVI/MP4 files found" in error_of(run[0], empty, allow)
-    write_video(empty / "still.mp4", 1, 0)
+    make_video(empty / "still.mp4", 1, 0)
     message = error_of(run[0], empty, allow)
     assert "no usable echo video" in message and "still.mp4" in message
     assert "no such file or folder" in error_of(run[0], tmp_path / "missing", allow)

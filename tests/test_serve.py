@@ -1,0 +1,318 @@
+"""scripts.serve: the API through FastAPI's test client, then the page in a real headless Chromium (Selenium).
+
+The EchoPrime encoder and view classifier are randomly initialised and saved in the release's layout
+(EchoPrime/model_data/weights/*.pt): the server loads only what --echoprime-dir holds, exactly as it would load
+the real weights, so every byte of the upload path runs; only the embeddings mean nothing. The model is the
+tiny synthetic one of tests/conftest.py, so the server runs with --allow-synthetic-model.
+"""
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+
+from echovlm import report as report_card
+from echovlm import video
+from echovlm.clinical import TRAITS
+from echovlm.study_report import Reporter
+from scripts import serve, test_inference
+
+SHARED_CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "echo_clips"
+
+
+@pytest.fixture(scope="module")
+def echoprime_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("EchoPrime")
+    weights = root / "model_data" / "weights"
+    weights.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(video.build_encoder().state_dict(), weights / "echo_prime_encoder.pt")
+    torch.save(video.build_view_classifier().state_dict(), weights / "view_classifier.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_with_card(trained_run):
+    """speedrun's layout: RUN/model, RUN/eval (a small test_inference), RUN/steps.tsv and RUN/report.md."""
+    model_dir, ds = trained_run
+    run = model_dir.parent
+    if not (run / "report.md").is_file():
+        assert test_inference.main(["--run", str(model_dir), "--out", str(run / "eval"), "--max-studies", "8",
+                                    "--samples", "0", "--max-tokens", "16", "--bootstrap", "20", "--knn", "5",
+                                    "--device", "cpu"]) == 0
+        (run / "steps.tsv").write_text("base_train\t3\ntest_inference\t2\n")
+        assert report_card.main([str(run)]) == 0
+    return run, ds
+
+
+@pytest.fixture(scope="module")
+def reporter(run_with_card, echoprime_dir):
+    r = Reporter(run_with_card[0] / "model", device="cpu", echoprime_dir=echoprime_dir)
+    r.load_video_models()
+    return r
+
+
+@pytest.fixture(scope="module")
+def client(reporter, run_with_card):
+    run = run_with_card[0]
+    app = serve.make_app(reporter, run.parent, run, max_upload_mb=5, allow_synthetic_model=True, video_batch=2)
+    with TestClient(app) as c:
+        yield c
+
+
+def wait(client, job_id, timeout=300) -> dict:
+    end = time.time() + timeout
+    while time.time() < end:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["state"] in ("done", "error"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"request {job_id} did not finish in {timeout} s")
+
+
+def post(client, files=None, **form):
+    return client.post("/api/jobs", files=files, data=form)
+
+
+# ------------------------------------------------------------------------------------------------ API
+def test_page_is_self_contained_and_info(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<script>" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN, nothing from the internet
+    info = client.get("/api/info").json()
+    assert info["dataset_source"] == "synthetic" and len(info["test_studies"]) == 20 and info["max_upload_mb"] == 5
+    assert "not on EchoPrime video embeddings" in info["warnings"][0]
+
+
+def test_test_study_report_with_reference_and_downloads(client, run_with_card):
+    ds = run_with_card[1]
+    created = post(client, study="3")
+    assert created.status_code == 200
+    job = wait(client, created.json()["id"])
+    assert job["state"] == "done", job["error"]
+    page = job["result"]
+    assert [f["trait"] for f in page["findings"]] == list(TRAITS)
+    assert all("reference" in f and isinstance(f["agree"], bool) for f in page["findings"])
+    assert ds.studies("test")[3] in page["conditioning_text"]
+    ref_text = " ".join(text for line in page["reference_lines"] for text, _ in line)
+    assert ref_text.split() == ds.reports("test")[3].split()
+    saved = client.get(f"/api/jobs/{job['id']}/report.json")
+    assert saved.status_code == 200 and "attachment" in saved.headers["content-disposition"]
+    assert saved.json()["reference_report"] == ds.reports("test")[3]
+    md = client.get(f"/api/jobs/{job['id']}/report.md")
+    assert md.status_code == 200 and md.text.startswith("# echovlm report") and saved.json()["report"] in md.text
+
+
+def test_bad_uploads_are_messages_on_their_cards(client, tmp_path):
+    before = set(Path("/tmp").iterdir())
+    files = [("files", ("empty.mp4", b"", "video/mp4")),
+             ("files", ("random.mp4", np.random.default_rng(0).bytes(5000), "video/mp4")),
+             ("files", ("notes.txt", b"not a video at all\n", "text/plain")),
+             ("files", ("../../../../tmp/escaped.mp4", b"x" * 100, "video/mp4"))]
+    created = post(client, files=files)
+    assert created.status_code == 200
+    job = wait(client, created.json()["id"])
+    assert job["state"] == "error" and "no usable echo video" in job["error"]
+    reasons = {f["name"]: f["reason"] for f in job["files"]}
+    assert reasons["empty.mp4"] == "an empty file (0 bytes)"
+    assert "not a readable video" in reasons["random.mp4"] and "not a readable video" in reasons["notes.txt"]
+    assert "../../../../tmp/escaped.mp4" in reasons  # shown as sent, never used as a path
+    assert not Path("/tmp/escaped.mp4").exists()
+    assert "echovlm-serve-" not in job["error"]  # the server's own file names never reach the page
+    assert not [p for p in set(Path("/tmp").iterdir()) - before if p.name.startswith("echovlm-serve-")]
+
+
+def test_over_the_size_limit(client):
+    created = post(client, files=[("files", ("big.mp4", b"\0" * (7 << 20), "video/mp4"))])
+    assert created.status_code == 413 and "limit of 5 MB" in created.json()["error"]
+    assert "--max-upload-mb" in created.json()["error"]
+
+
+@pytest.mark.parametrize("form, expected", [
+    ({}, "either files"),
+    ({"study": "abc"}, "must be a number"),
+    ({"study": "1", "conditioning": "nearest"}, "snap or direct"),
+])
+def test_bad_forms(client, form, expected):
+    r = post(client, **form)
+    assert r.status_code == 400 and expected in r.json()["error"]
+
+
+def test_test_study_out_of_range_is_a_message(client):
+    job = wait(client, post(client, study="99").json()["id"])
+    assert job["state"] == "error" and "out of range" in job["error"] and "20 studies" in job["error"]
+
+
+def test_unknown_request(client):
+    assert client.get("/api/jobs/nope").status_code == 404
+    assert client.get("/api/jobs/nope/report.json").status_code == 404
+
+
+def test_requests_wait_in_order(client, reporter, monkeypatch):
+    gate, original = threading.Event(), reporter.report
+
+    def held(**kwargs):
+        gate.wait(30)
+        return original(**kwargs)
+
+    monkeypatch.setattr(reporter, "report", held)
+    first, second = post(client, study="0").json(), post(client, study="1").json()
+    assert first["ahead"] == 0 and second["ahead"] == 1
+    assert client.get(f"/api/jobs/{second['id']}").json()["state"] == "queued"
+    gate.set()
+    assert wait(client, first["id"])["state"] == "done" and wait(client, second["id"])["state"] == "done"
+
+
+def test_run_pages(client, run_with_card):
+    run = run_with_card[0]
+    runs = client.get("/api/runs").json()
+    assert [r["name"] for r in runs["runs"]] == [run.name] and runs["runs"][0]["has_card"]
+    card = client.get(f"/api/runs/{run.name}/card").json()["html"]
+    assert "<table>" in card and "Clinical evaluation" in card
+    images = [src for src in card.split('src="')[1:]]
+    assert images, "the card shows the run's plots"
+    for src in (s.split('"')[0] for s in images):
+        r = client.get(src)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR).size > 0
+    for bad in (f"/api/runs/{run.name}/files/../../data/meta.json", f"/api/runs/{run.name}/files/%2e%2e/%2e%2e/x.png",
+                f"/api/runs/{run.name}/files/steps.tsv", "/api/runs/nope/card", "/api/runs/nope/files/a.png"):
+        assert client.get(bad).status_code == 404, bad
+
+
+def test_run_without_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--run", str(tmp_path / "empty_run"), "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serve: ") and "holds no best.pt or last.pt" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_video_upload(client, make_video, tmp_path):
+    clip = make_video(tmp_path / "a4c.mp4", 20, 0)
+    still = make_video(tmp_path / "still.mp4", 1, 1)
+    files = [("files", ("study/a4c.mp4", clip.read_bytes(), "video/mp4")),
+             ("files", ("study/still.mp4", still.read_bytes(), "video/mp4"))]
+    job = wait(client, post(client, files=files).json()["id"])
+    assert job["state"] == "done", job["error"]
+    good, bad = job["files"]
+    assert good["name"] == "study/a4c.mp4" and good["view"] in video.VIEW_CLASSES and 0 < good["confidence"] <= 1
+    assert bad["name"] == "study/still.mp4" and "not a video" in bad["reason"]
+    sprite = client.get(good["preview"])
+    assert sprite.status_code == 200
+    frames = cv2.imdecode(np.frombuffer(sprite.content, np.uint8), cv2.IMREAD_COLOR)
+    assert frames.shape == (112, 16 * 112, 3)
+    saved = client.get(f"/api/jobs/{job['id']}/report.json").json()
+    assert [v["file"] for v in saved["videos"]] == ["study/a4c.mp4"]
+    assert saved["warnings"][0].startswith("NOT A REPORT ABOUT THESE VIDEOS")
+    assert saved["snapped_to"]["far"] is True  # random weights: the clip is far from every synthetic study
+
+
+# ------------------------------------------------------------------------------------------------ browser
+def chromium():
+    """(chromium, chromedriver) paths, or skip saying what is missing."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip("the browser test needs Debian's chromium and chromium-driver "
+                    "(apt-get install chromium chromium-driver); .ci/run installs them")
+    return browser, driver
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(reporter, run_with_card):
+    run = run_with_card[0]
+    app = serve.make_app(reporter, run.parent, run, max_upload_mb=64, allow_synthetic_model=True, video_batch=1)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.mark.slow
+def test_browser(live_server, run_with_card, tmp_path):
+    import pydicom.examples
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = chromium()
+    study = tmp_path / "study"
+    study.mkdir()
+    shutil.copy(pydicom.examples.get_path("ybr_color"), study / "ybr_color.dcm")
+    clips = sorted(SHARED_CLIPS.glob("*.mp4")) if SHARED_CLIPS.is_dir() else []
+    for clip in clips:
+        shutil.copy(clip, study / clip.name)
+    uploads = sorted(study.iterdir())
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1600"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(live_server + "/#study")
+        wait = WebDriverWait(driver, 600)
+        wait.until(lambda d: d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in uploads))
+        t0 = time.time()
+        driver.find_element(By.ID, "go").click()
+        wait.until(ec.presence_of_element_located((By.ID, "report")))
+        seconds = time.time() - t0
+        cards = driver.find_elements(By.CSS_SELECTOR, "#cards .clipcard")
+        assert len(cards) == len(uploads)
+        views = [c.find_element(By.CLASS_NAME, "view").text for c in cards]
+        assert all(v in video.VIEW_CLASSES for v in views)
+        names = [c.find_element(By.CLASS_NAME, "name").text for c in cards]
+        assert names == [p.name for p in uploads]
+        assert len(driver.find_element(By.ID, "report").text.split("\n")) > 1
+        rows = driver.find_elements(By.CSS_SELECTOR, "#findings tr")
+        assert len(rows) == 1 + len(TRAITS)
+        assert "NOT A REPORT ABOUT THESE VIDEOS" in driver.find_element(By.ID, "result").text
+        # the previews: every clip's sprite decoded by the browser
+        assert driver.execute_script(
+            "return Array.from(document.querySelectorAll('.clip')).every(e => e.style.backgroundImage.includes('/preview/'))")
+        driver.save_screenshot(str(tmp_path / "study.png"))
+        print(f"upload to report shown: {seconds:.1f} s for {len(uploads)} files")
+
+        driver.get(live_server + f"/#runs/{run_with_card[0].name}")
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#card table")))
+        wait.until(lambda d: d.execute_script(
+            "return Array.from(document.querySelectorAll('#card img')).every(i => i.complete)"))
+        sizes = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#card img')).map(i => [i.src, i.naturalWidth, i.naturalHeight])")
+        assert sizes and all(w > 0 and h > 0 for _, w, h in sizes)
+        import httpx
+        assert all(httpx.get(src).status_code == 200 for src, _, _ in sizes)
+        assert "Clinical evaluation" in driver.find_element(By.ID, "card").text
+        driver.save_screenshot(str(tmp_path / "runs.png"))
+    finally:
+        driver.quit()
+    assert (tmp_path / "study.png").stat().st_size > 0 and (tmp_path / "runs.png").stat().st_size > 0
+    if os.environ.get("ECHOVLM_SCREENSHOTS"):  # where README screenshots are refreshed from
+        for name in ("study.png", "runs.png"):
+            shutil.copy(tmp_path / name, Path(os.environ["ECHOVLM_SCREENSHOTS"]) / name)
