@@ -4,7 +4,11 @@
 #   bash speedrun.sh            # resume the latest run (finished steps are skipped), or start one
 #   bash speedrun.sh --fresh    # start over in a new run directory; earlier runs are never deleted
 #
-# Everything below can be overridden from the environment:
+# A run records its settings (runs/speedrunN/settings.tsv) the first time; a resume uses them, and one given
+# different values stops before any step and says which (--fresh starts a run with the new ones). Every value
+# is checked before the first step. Ctrl-C (or SIGTERM) during training saves the step; run again to resume.
+#
+# Everything below can be overridden from the environment (unset: the default, or on a resume the run's own):
 #   ECHOVLM_RUNS=runs             where run directories go (runs/speedrun, runs/speedrun1, ...)
 #   ECHOVLM_FRESH=0               1 = same as --fresh
 #   ECHOVLM_SOURCE=auto           auto | echoprime | synthetic (auto: EchoPrime if present or fetchable, else synthetic)
@@ -13,7 +17,7 @@
 #   ECHOVLM_DATASET               a dataset you prepared yourself (prepare_dataset --source files): used as is
 #   N_STUDIES                     synthetic studies (default 20000 on CPU, 200000 on GPU)
 #   SEED=0                        data split / synthetic / training seed
-#   VOCAB_SIZE=2000               BPE vocabulary (the 3 special tokens included)
+#   VOCAB_SIZE                    BPE vocabulary, the 3 special tokens included (default: tok_train's)
 #   DEPTH                         model depth (default: base_train's hardware-aware choice)
 #   NUM_STEPS / EPOCHS            training budget (default: base_train's hardware-aware choice)
 #   DEVICE_BATCH / TOTAL_BATCH    per-GPU micro batch / global batch in sequences
@@ -37,13 +41,48 @@ for arg in "$@"; do
     *) echo "speedrun.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
-SOURCE=${ECHOVLM_SOURCE:-auto}
-ECHOPRIME_DIR=${ECHOPRIME_DIR:-../EchoPrime}
-DATA=${ECHOVLM_DATA:-data}
-SEED=${SEED:-0}
-VOCAB_SIZE=${VOCAB_SIZE:-2000}
-EVAL_SAMPLES=${EVAL_SAMPLES:-5}
-GPU_HOURLY_USD=${GPU_HOURLY_USD:-3.00}
+STEPS=(prepare_dataset tok_train tok_eval base_train test_inference generate_report)
+# settings a run keeps for its whole life (settings.tsv); a resume may leave them unset but not change them
+PINNED=(ECHOVLM_DATA N_STUDIES SEED VOCAB_SIZE DEPTH NUM_STEPS EPOCHS DEVICE_BATCH TOTAL_BATCH EVAL_STUDIES EVAL_SAMPLES)
+
+# ---------------------------------------------------------------- every value checked before anything runs
+bad() { echo "speedrun.sh: $*" >&2; exit 2; }
+int_var() {  # int_var NAME MIN: unset/empty, or a whole number >= MIN
+  local v=${!1:-}
+  [[ -z "$v" ]] && return 0
+  [[ "$v" =~ ^[0-9]+$ ]] && (( 10#$v >= $2 )) || bad "$1=$v: expected a whole number >= $2"
+}
+num_var() {  # num_var NAME: unset/empty, or a decimal number; "positive" also excludes 0
+  local v=${!1:-}
+  [[ -z "$v" ]] && return 0
+  [[ "$v" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] || bad "$1=$v: expected a number"
+  [[ "$2" != positive || "$v" =~ [1-9] ]] || bad "$1=$v: expected a number > 0"
+}
+for name in N_STUDIES DEPTH NUM_STEPS DEVICE_BATCH TOTAL_BATCH EVAL_STUDIES EVAL_SAMPLES; do int_var "$name" 1; done
+int_var SEED 0; int_var NGPU 0; num_var EPOCHS positive; num_var GPU_HOURLY_USD
+# tok_train's own bounds (256 bytes + 3 special tokens; uint16 token ids), checked here so a typo fails now
+int_var VOCAB_SIZE 259; [[ -z "${VOCAB_SIZE:-}" ]] || (( 10#$VOCAB_SIZE <= 65536 )) || bad "VOCAB_SIZE=$VOCAB_SIZE: at most 65536"
+[[ "$FRESH" == 0 || "$FRESH" == 1 ]] || bad "ECHOVLM_FRESH=$FRESH: expected 0 or 1"
+[[ "${ECHOVLM_NO_SYNC:-0}" == 0 || "${ECHOVLM_NO_SYNC:-0}" == 1 ]] || bad "ECHOVLM_NO_SYNC=$ECHOVLM_NO_SYNC: expected 0 or 1"
+case "${ECHOVLM_SOURCE:-auto}" in auto|echoprime|synthetic) ;;
+  *) bad "ECHOVLM_SOURCE=$ECHOVLM_SOURCE: expected auto, echoprime or synthetic" ;; esac
+if [[ -n "${ECHOVLM_STOP_AFTER:-}" && " ${STEPS[*]} " != *" $ECHOVLM_STOP_AFTER "* ]]; then
+  bad "ECHOVLM_STOP_AFTER=$ECHOVLM_STOP_AFTER: expected one of the steps ${STEPS[*]}"
+fi
+if [[ -n "${ECHOVLM_PYTHON:-}" ]] && ! command -v "$ECHOVLM_PYTHON" >/dev/null; then
+  bad "ECHOVLM_PYTHON=$ECHOVLM_PYTHON: no such program"
+fi
+if [[ -n "${STUDY_DIR:-}" && ! -e "$STUDY_DIR" ]]; then
+  bad "STUDY_DIR=$STUDY_DIR does not exist: give the folder (or video file) of your echo study"
+fi
+if [[ -n "${ECHOVLM_DATASET:-}" && ! -f "$ECHOVLM_DATASET/meta.json" ]]; then
+  if [[ -f "$ECHOVLM_DATASET" ]] || compgen -G "$ECHOVLM_DATASET/*.jsonl" >/dev/null || compgen -G "$ECHOVLM_DATASET/*.np[yz]" >/dev/null; then
+    bad "ECHOVLM_DATASET=$ECHOVLM_DATASET holds raw input files, not a prepared dataset: prepare them first with" \
+        "python -m scripts.prepare_dataset --source files --reports REPORTS.jsonl --embeddings EMB.npy --offsets OFFSETS.npy --out DIR," \
+        "then set ECHOVLM_DATASET=DIR"
+  fi
+  bad "ECHOVLM_DATASET=$ECHOVLM_DATASET is not a prepared dataset (no meta.json): point it at the --out of scripts.prepare_dataset"
+fi
 
 log() { echo "[speedrun $(date +%H:%M:%S)] $*"; }
 T_START=$(date +%s)
@@ -71,12 +110,47 @@ if [[ "$FRESH" != 1 && -f "$RUNS/LATEST" && -d "$(cat "$RUNS/LATEST")" ]]; then
   RUN=$(cat "$RUNS/LATEST")
   log "resuming $RUN (steps already done are skipped; --fresh starts a new run)"
 else
-  RUN=$("${PY[@]}" -c "from echovlm.common import new_run_dir; print(new_run_dir('$RUNS', 'speedrun'))")
+  RUN=$("${PY[@]}" -c "import sys; from echovlm.common import new_run_dir; print(new_run_dir(sys.argv[1], 'speedrun'))" "$RUNS")
   echo "$RUN" > "$RUNS/LATEST"
   log "new run directory $RUN"
 fi
+
+# a resume keeps the run's settings: a value given that differs stops here, an unset one takes the run's
+if [[ -f "$RUN/settings.tsv" ]]; then
+  differ=()
+  while IFS=$'\t' read -r name recorded; do
+    given=${!name:-}
+    if [[ -n "$given" && "$given" != "$recorded" ]]; then
+      differ+=("$name=$given (the run has ${recorded:-it unset})")
+    elif [[ -z "$given" && -n "$recorded" ]]; then
+      export "$name=$recorded"
+    fi
+  done < "$RUN/settings.tsv"
+  if [[ -f "$RUN/source" ]]; then
+    recorded=$(cat "$RUN/source")
+    if [[ -n "${ECHOVLM_DATASET:-}" && ( "$recorded" != own || "$ECHOVLM_DATASET" != "$(cat "$RUN/dataset")" ) ]]; then
+      differ+=("ECHOVLM_DATASET=$ECHOVLM_DATASET (the run uses $(cat "$RUN/dataset"))")
+    elif [[ "$recorded" != own && "${ECHOVLM_SOURCE:-auto}" != auto && "$ECHOVLM_SOURCE" != "$recorded" ]]; then
+      differ+=("ECHOVLM_SOURCE=$ECHOVLM_SOURCE (the run uses $recorded data)")
+    fi
+  fi
+  if (( ${#differ[@]} )); then
+    printf -v list '%s; ' "${differ[@]}"
+    bad "$RUN was started with other settings: ${list%; }. A resume keeps a run's settings: unset these" \
+        "to continue it, or run with --fresh to start a new run with them"
+  fi
+fi
+SOURCE=${ECHOVLM_SOURCE:-auto}
+ECHOPRIME_DIR=${ECHOPRIME_DIR:-../EchoPrime}
+ECHOVLM_DATA=${ECHOVLM_DATA:-data}
+DATA=$ECHOVLM_DATA
+SEED=${SEED:-0}
+EVAL_SAMPLES=${EVAL_SAMPLES:-5}
+GPU_HOURLY_USD=${GPU_HOURLY_USD:-3.00}
+
 mkdir -p "$RUN/steps"
-exec > >(tee -a "$RUN/speedrun.log") 2>&1
+# tee ignores Ctrl-C: it must outlive the step that is saving its work and printing how to resume
+exec > >(trap '' INT TERM; exec tee -a "$RUN/speedrun.log") 2>&1
 [[ -f "$RUN/machine.json" ]] || "${PY[@]}" -m echovlm.report "$RUN" --machine
 
 # step NAME CMD...: run CMD once per run; its wall time goes to steps.tsv for the report card
@@ -84,19 +158,22 @@ step() {
   local name=$1; shift
   if [[ -f "$RUN/steps/$name.done" ]]; then
     log "step $name: already done, skipping"
-    return 0
+  else
+    log "step $name: $*"
+    local t0=$(date +%s) rc=0
+    "$@" || rc=$?
+    local dt=$(( $(date +%s) - t0 ))
+    if [[ $rc -eq 130 || $rc -eq 143 ]]; then
+      log "step $name interrupted after ${dt}s (exit $rc); run again to resume it: finished steps are kept"
+      exit $rc
+    elif [[ $rc -ne 0 ]]; then
+      log "step $name FAILED after ${dt}s (exit $rc); fix the cause above and re-run: finished steps are kept"
+      exit $rc
+    fi
+    printf '%s\t%s\n' "$name" "$dt" >> "$RUN/steps.tsv"
+    touch "$RUN/steps/$name.done"
+    log "step $name: done in ${dt}s"
   fi
-  log "step $name: $*"
-  local t0=$(date +%s) rc=0
-  "$@" || rc=$?
-  local dt=$(( $(date +%s) - t0 ))
-  if [[ $rc -ne 0 ]]; then
-    log "step $name FAILED after ${dt}s (exit $rc); fix the cause above and re-run: finished steps are kept"
-    exit $rc
-  fi
-  printf '%s\t%s\n' "$name" "$dt" >> "$RUN/steps.tsv"
-  touch "$RUN/steps/$name.done"
-  log "step $name: done in ${dt}s"
   if [[ "${ECHOVLM_STOP_AFTER:-}" == "$name" ]]; then
     log "stopping after $name (ECHOVLM_STOP_AFTER); run again to continue"
     exit 0
@@ -114,6 +191,10 @@ else
   TRAIN=("${PY[@]}" -m scripts.base_train)
   N_STUDIES=${N_STUDIES:-20000}
   EVAL_STUDIES=${EVAL_STUDIES:-500}  # generation is the slow part of the evaluation on a CPU
+fi
+
+if [[ ! -f "$RUN/settings.tsv" ]]; then  # once: what this run is, whatever a resume's environment says
+  for name in "${PINNED[@]}"; do printf '%s\t%s\n' "$name" "${!name:-}"; done > "$RUN/settings.tsv"
 fi
 
 # ---------------------------------------------------------------- data source
@@ -161,7 +242,9 @@ else
 fi
 
 # ---------------------------------------------------------------- the pipeline
-TRAIN_ARGS=(--dataset "$DATASET" --run-dir "$RUN" --run-name model --seed "$SEED")
+VOCAB=()  # unset: tok_train's default size, and base_train takes the dataset's tokenizer of that size
+[[ -n "${VOCAB_SIZE:-}" ]] && VOCAB=(--vocab-size "$VOCAB_SIZE")
+TRAIN_ARGS=(--dataset "$DATASET" --run-dir "$RUN" --run-name model --seed "$SEED" "${VOCAB[@]}")
 [[ -n "${DEPTH:-}" ]] && TRAIN_ARGS+=(--depth "$DEPTH")
 [[ -n "${NUM_STEPS:-}" ]] && TRAIN_ARGS+=(--num-steps "$NUM_STEPS")
 [[ -n "${EPOCHS:-}" ]] && TRAIN_ARGS+=(--epochs "$EPOCHS")
@@ -193,7 +276,7 @@ else
 fi
 
 step prepare_dataset "${PREPARE[@]}"
-step tok_train       "${PY[@]}" -m scripts.tok_train --dataset "$DATASET" --vocab-size "$VOCAB_SIZE"
+step tok_train       "${PY[@]}" -m scripts.tok_train --dataset "$DATASET" "${VOCAB[@]}"
 step tok_eval        "${PY[@]}" -m scripts.tok_eval --dataset "$DATASET" --out "$RUN/tok_eval"
 step base_train      "${TRAIN[@]}" "${TRAIN_ARGS[@]}"
 step test_inference  "${PY[@]}" -m scripts.test_inference "${EVAL_ARGS[@]}"

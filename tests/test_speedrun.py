@@ -2,7 +2,8 @@
 
 One run is stopped after tok_train (as an interrupted run would be), then re-run: the data steps must be
 skipped, the rest must run, and the report card must hold the numbers the steps wrote. A step that fails
-must stop the run with its message and leave the finished steps alone.
+must stop the run with its message and leave the finished steps alone. A resume keeps the run's settings.
+Every variable is checked before the first step (fast: no Python runs). The end-to-end runs are slow.
 """
 
 import csv
@@ -34,6 +35,11 @@ def check(proc: subprocess.CompletedProcess, rc: int = 0):
     assert proc.returncode == rc, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+def tokenizer_stats(run_dir: Path) -> dict:
+    tok_dir = Path(json.loads((run_dir / "model" / "config.json").read_text())["tokenizer_dir"])
+    return json.loads((tok_dir / "tok_stats.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("speedrun")
@@ -49,6 +55,7 @@ def run(tmp_path_factory):
     return tmp, run_dir, first, second
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_without_redoing_finished_steps(run):
     tmp, run_dir, first, second = run
     assert f"resuming {run_dir}" in second.stdout
@@ -63,13 +70,14 @@ def test_an_interrupted_run_resumes_without_redoing_finished_steps(run):
     assert (run_dir / "source").read_text().strip() == "synthetic"
 
 
+@pytest.mark.slow
 def test_each_step_leaves_well_formed_outputs(run):
     _, run_dir, _, _ = run
     dataset = Path((run_dir / "dataset").read_text().strip())
     meta = json.loads((dataset / "meta.json").read_text())
     assert sum(meta["counts"].values()) == 400
-    tok = json.loads((dataset / "tokenizer" / "tok_stats.json").read_text())
-    assert 259 <= tok["vocab_size"] <= 400 + 3
+    tok = tokenizer_stats(run_dir)
+    assert 259 <= tok["vocab_size"] <= 400 and tok["settings"]["vocab_size"] == 400
     assert json.loads((run_dir / "tok_eval" / "tok_eval.json").read_text())["ours"]
     model = run_dir / "model"
     summary = json.loads((model / "train_summary.json").read_text())
@@ -85,11 +93,11 @@ def test_each_step_leaves_well_formed_outputs(run):
     assert report["report"].strip() and set(report["findings"]) and report["reference_report"]
 
 
+@pytest.mark.slow
 def test_the_report_card_holds_the_numbers_the_steps_wrote(run):
     _, run_dir, _, _ = run
     card = (run_dir / "report.md").read_text()
-    dataset = Path((run_dir / "dataset").read_text().strip())
-    tok = json.loads((dataset / "tokenizer" / "tok_stats.json").read_text())
+    tok = tokenizer_stats(run_dir)
     summary = json.loads((run_dir / "model" / "train_summary.json").read_text())
     assert f"vocab {tok['vocab_size']:,}" in card
     assert f"{tok['bytes_per_token']:.2f} bytes/token" in card
@@ -105,6 +113,7 @@ def test_the_report_card_holds_the_numbers_the_steps_wrote(run):
     assert "synthetic" in card and "CPU run" in card
 
 
+@pytest.mark.slow
 def test_a_failing_step_stops_the_run_and_keeps_finished_steps(tmp_path):
     # a dataset too small to split into train/val/test: prepare_dataset refuses it
     proc = speedrun(tmp_path, N_STUDIES="2", ECHOVLM_STOP_AFTER="tok_train")
@@ -119,6 +128,7 @@ def test_a_failing_step_stops_the_run_and_keeps_finished_steps(tmp_path):
     assert new_dir != run_dir and run_dir.is_dir() and (new_dir / "steps" / "prepare_dataset.done").is_file()
 
 
+@pytest.mark.slow
 def test_a_dataset_of_your_own_is_used_as_is(run, tmp_path):
     _, run_dir, _, _ = run
     mine = Path((run_dir / "dataset").read_text().strip())
@@ -135,3 +145,53 @@ def test_a_dataset_of_your_own_is_used_as_is(run, tmp_path):
     check(again)
     assert "step tok_eval: done in" in again.stdout
     assert Path((new_dir / "dataset").read_text().strip()) == mine
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NUM_STEPS": "-1"}, "NUM_STEPS=-1: expected a whole number >= 1"), ({"NUM_STEPS": "0"}, "NUM_STEPS=0: expected"),
+    ({"DEPTH": "abc"}, "DEPTH=abc: expected a whole number"), ({"NGPU": "abc"}, "NGPU=abc: expected a whole number"),
+    ({"EPOCHS": "0"}, "EPOCHS=0: expected a number > 0"), ({"VOCAB_SIZE": "100"}, "VOCAB_SIZE=100: expected"),
+    ({"ECHOVLM_SOURCE": "echopime"}, "ECHOVLM_SOURCE=echopime: expected auto, echoprime or synthetic"),
+    ({"STUDY_DIR": "/nonexistent"}, "STUDY_DIR=/nonexistent does not exist"),
+    ({"ECHOVLM_STOP_AFTER": "tok_trian"}, "ECHOVLM_STOP_AFTER=tok_trian: expected one of the steps"),
+    ({"ECHOVLM_DATASET": "RAW"}, "holds raw input files, not a prepared dataset: prepare them first with python -m "
+                                 "scripts.prepare_dataset --source files"),
+    ({"ECHOVLM_DATASET": "EMPTY"}, "is not a prepared dataset (no meta.json)"),
+])
+def test_every_variable_is_checked_before_the_first_step(tmp_path, env, message):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "reports.jsonl").write_text('{"study": "a", "report": "x"}\n')
+    (tmp_path / "empty").mkdir()
+    env = {k: {"RAW": str(tmp_path / "raw"), "EMPTY": str(tmp_path / "empty")}.get(v, v) for k, v in env.items()}
+    proc = speedrun(tmp_path, **env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("speedrun.sh: ") and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "runs").exists() and not proc.stdout  # nothing ran, nothing was made
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_settings_and_its_stop_point(tmp_path):
+    runs = tmp_path / "it's runs"  # a quote in the path: passed to Python as an argument, never pasted into code
+    first = speedrun(tmp_path, ECHOVLM_RUNS=str(runs), ECHOVLM_STOP_AFTER="prepare_dataset")
+    check(first)
+    run_dir = Path((runs / "LATEST").read_text().strip())
+    assert run_dir.parent == runs and (run_dir / "steps" / "prepare_dataset.done").is_file()
+    dataset = (run_dir / "dataset").read_text()
+
+    # the step is done: the stop still applies, and nothing after it runs
+    again = speedrun(tmp_path, ECHOVLM_RUNS=str(runs), ECHOVLM_STOP_AFTER="prepare_dataset")
+    check(again)
+    assert "step prepare_dataset: already done, skipping" in again.stdout
+    assert "stopping after prepare_dataset" in again.stdout and "step tok_train" not in again.stdout
+
+    # other settings on a resume: refused before anything runs, naming each
+    other = speedrun(tmp_path, ECHOVLM_RUNS=str(runs), N_STUDIES="500", SEED="7", ECHOVLM_STOP_AFTER="tok_train")
+    assert other.returncode == 2 and "step " not in other.stdout, other.stdout + other.stderr
+    assert "N_STUDIES=500 (the run has 400); SEED=7 (the run has 0)" in other.stderr
+    assert "--fresh" in other.stderr and other.stderr.count("\n") == 1
+    assert (run_dir / "dataset").read_text() == dataset and not (run_dir / "steps" / "tok_train.done").exists()
+
+    # left unset, a setting is the run's own
+    unset = speedrun(tmp_path, ECHOVLM_RUNS=str(runs), N_STUDIES="", ECHOVLM_STOP_AFTER="prepare_dataset")
+    check(unset)
+    assert (run_dir / "dataset").read_text() == dataset
