@@ -44,7 +44,8 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from echovlm.vocabulary import SECTIONS, TRAITS
+# the traits extract_labels returns; importers of this module may take them from here
+from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, SECTIONS, TRAITS  # noqa: F401
 
 # ------------------------------------------------------------------ vocabulary
 

@@ -6,7 +6,7 @@ through F.scaled_dot_product_attention.
 
 One size knob, `depth`: width = 64 * depth and heads of 128 dims (n_head = max(1, width // 128)), so a
 deeper model is also a wider one. Default depth 8: width 512, 4 heads, 8 layers; with a 2000-token BPE
-vocabulary (+3 specials) and 512-d study embeddings that is 27.5M parameters (25.2M in the blocks).
+vocabulary (3 specials included) and 512-d study embeddings that is 27.5M parameters (25.2M in the blocks).
 
 A study enters as k >= 1 embedding vectors (EchoPrime: one 512-d study embedding). A learned projection
 (Linear(embed_dim, width) then RMSNorm, so a projected study vector has the same scale as a token
@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from echovlm.optim import Muon
+from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
 
 LOGIT_SOFTCAP = 15.0
 HEAD_DIM = 128
@@ -35,7 +36,7 @@ HEAD_DIM = 128
 @dataclass
 class GPTConfig:
     depth: int = 8
-    vocab_size: int = 2003
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     embed_dim: int = 512
     sequence_len: int = 256
 

@@ -20,3 +20,7 @@ BINARY_TRAITS = [
 ]
 CONTINUOUS_TRAITS = ["ejection_fraction", "pulmonary_artery_pressure_continuous"]  # LVEF (%), PA systolic (mmHg)
 TRAITS = {**{t: "binary" for t in BINARY_TRAITS}, **{t: "continuous" for t in CONTINUOUS_TRAITS}}
+
+# BPE tokens that spell the reports, the 3 special tokens included: tok_train's, the benchmarks' and the model
+# config's default (a leaf module, so speedrun.sh and the CLIs read it without importing torch or rustbpe)
+DEFAULT_VOCAB_SIZE = 2000

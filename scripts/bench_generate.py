@@ -16,8 +16,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from echovlm.common import autodetect_device, print0
+from echovlm.common import autodetect_device, fail, print0
 from echovlm.engine import Engine
+from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
+
+SCRIPT = "bench_generate"
 
 
 def timed_generate(engine, embeddings, device, **kwargs):
@@ -30,27 +33,47 @@ def timed_generate(engine, embeddings, device, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="training run directory (or checkpoint .pt); its test studies are the inputs")
-    p.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint to load with --run")
-    p.add_argument("--depth", type=int, default=4, help="without --run: depth of the untrained model")
-    p.add_argument("--vocab-size", type=int, default=2003, help="without --run: vocabulary incl. 3 specials")
-    p.add_argument("--sequence-len", type=int, default=256, help="without --run: the model's sequence length")
-    p.add_argument("--embed-dim", type=int, default=512, help="without --run: study embedding size")
-    p.add_argument("--k", type=int, default=1, help="without --run: embeddings per study")
-    p.add_argument("--studies", type=int, default=64, help="studies generated in batched mode")
-    p.add_argument("--single-studies", type=int, default=8, help="of those, how many are also run one at a time")
-    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together in batched mode")
+    p.add_argument("--which", default="best", choices=["best", "last"],
+                   help="checkpoint to load with --run (default: %(default)s)")
+    p.add_argument("--depth", type=int, default=4, help="without --run: depth of the untrained model (default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                   help="without --run: vocabulary, the 3 special tokens included (default: %(default)s)")
+    p.add_argument("--sequence-len", type=int, default=256,
+                   help="without --run: the model's sequence length (default: %(default)s)")
+    p.add_argument("--embed-dim", type=int, default=512, help="without --run: study embedding size (default: %(default)s)")
+    p.add_argument("--k", type=int, default=1, help="without --run: embeddings per study (default: %(default)s)")
+    p.add_argument("--studies", type=int, default=64, help="studies generated in batched mode (default: %(default)s)")
+    p.add_argument("--single-studies", type=int, default=8,
+                   help="of those, how many are also run one at a time (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows decoded together in batched mode (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=None, help="report tokens per study (default: fill sequence_len)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if not 1 <= args.single_studies <= args.studies:
-        p.error(f"--single-studies must be between 1 and --studies ({args.studies})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the untrained model and its inputs (default: %(default)s)")
+    return p
 
-    device = torch.device(autodetect_device(args.device))
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    for flag in ("depth", "sequence_len", "embed_dim", "k", "studies", "batch_size"):
+        if getattr(args, flag) < 1:
+            fail(SCRIPT, f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 1 <= args.single_studies <= args.studies:
+        fail(SCRIPT, f"--single-studies must be between 1 and --studies ({args.studies}), got {args.single_studies}")
+    if args.vocab_size < 4:
+        fail(SCRIPT, f"--vocab-size must be at least 4 (3 special tokens and a word), got {args.vocab_size}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        fail(SCRIPT, f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.threads is not None and args.threads < 1:
+        fail(SCRIPT, f"--threads must be at least 1, got {args.threads}")
+
+    try:
+        device = torch.device(autodetect_device(args.device))
+    except (RuntimeError, ValueError) as e:
+        fail(SCRIPT, str(e) if str(e).startswith("--device") else f"--device {args.device}: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -58,10 +81,13 @@ def main(argv=None):
         from echovlm.checkpoint import load_model
         from echovlm.dataset import open_dataset
 
-        model, tokenizer, info = load_model(args.run, device, which=args.which)
-        embeddings = open_dataset(info["dataset"]).embeddings("test")[:args.studies]
+        try:
+            model, tokenizer, info = load_model(args.run, device, which=args.which)
+            embeddings = open_dataset(info["dataset"]).embeddings("test")[:args.studies]
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            fail(SCRIPT, f"--run {args.run}: {e}")
         if len(embeddings) < args.studies:
-            raise SystemExit(f"bench_generate: the test split has only {len(embeddings)} studies; lower --studies")
+            fail(SCRIPT, f"the test split has only {len(embeddings)} studies; lower --studies")
         source = f"{args.run} ({args.which})"
     else:
         from echovlm.gpt import GPT, GPTConfig
@@ -89,7 +115,7 @@ def main(argv=None):
         single += out
         t_single += dt
     if single != batched[:args.single_studies]:
-        raise SystemExit("bench_generate: batched and one-at-a-time greedy outputs differ; the engine is broken")
+        fail(SCRIPT, "batched and one-at-a-time greedy outputs differ; the engine is broken", 1)
 
     n_b, n_s = len(batched), len(single)
     tok_b = sum(len(r[0]) for r in batched)

@@ -27,8 +27,11 @@ import numpy as np
 import rustbpe
 import tiktoken
 
-from echovlm.common import print0
+from echovlm.common import fail, print0
 from echovlm.tokenizer import read_corpus
+from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
+
+SCRIPT = "bench_tokenizer"
 
 # run by --nanochat-python: argv = corpus.json vocab_size pattern repeats; prints one JSON line
 NANOCHAT_SCRIPT = r"""
@@ -58,7 +61,7 @@ def torch_source(megabytes: float) -> list[str]:
     """The installed torch package's .py files (sorted by path, one document each) up to `megabytes`."""
     spec = importlib.util.find_spec("torch")  # locate it without paying for `import torch`
     if spec is None or spec.origin is None:
-        raise SystemExit("error: torch is not installed; pass --input FILE to benchmark on your own corpus")
+        fail(SCRIPT, "torch is not installed; pass --input FILE to benchmark on your own corpus")
     docs, size = [], 0
     for path in sorted(Path(spec.origin).parent.rglob("*.py")):
         docs.append(path.read_text(encoding="utf-8", errors="replace"))
@@ -123,26 +126,38 @@ def bench_nanochat(python, docs, vocab_size, pattern, repeats) -> dict:
                               capture_output=True, text=True, cwd=tmp)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SystemExit(f"error: nanochat's rustbpe failed in {python}: {last}\n"
-                         f"(install it there with: uv pip install --python {python} rustbpe tiktoken)")
+        fail(SCRIPT, f"nanochat's rustbpe failed in {python}: {last} (install it there with: "
+                     f"uv pip install --python {python} rustbpe tiktoken)", 1)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help=".txt or .jsonl corpus (default: the installed torch's Python source)")
-    parser.add_argument("--megabytes", type=float, default=4.0, help="size of the torch source corpus (default 4)")
-    parser.add_argument("--vocab-size", type=int, default=2000, help="vocabulary size to train (default 2000)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per trainer, best kept (default 3)")
+    parser.add_argument("--megabytes", type=float, default=4.0,
+                        help="size of the torch source corpus (default: %(default)s)")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                        help="vocabulary size to train, 256 bytes + merges (default: %(default)s, the pipeline's)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per trainer, best kept (default: %(default)s)")
     parser.add_argument("--nanochat-python", help="interpreter with nanochat's rustbpe installed, to time it too")
-    args = parser.parse_args(argv)
-    if args.vocab_size < 256 or args.repeats < 1:
-        parser.error("--vocab-size must be at least 256 and --repeats at least 1")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.vocab_size < 256:
+        fail(SCRIPT, f"--vocab-size must be at least 256 (the byte tokens), got {args.vocab_size}")
+    if args.repeats < 1:
+        fail(SCRIPT, f"--repeats must be at least 1, got {args.repeats}")
+    if not args.megabytes > 0:  # nan too
+        fail(SCRIPT, f"--megabytes must be a number > 0, got {args.megabytes}")
 
     try:
         docs = read_corpus(args.input) if args.input else torch_source(args.megabytes)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (OSError, ValueError) as e:  # a directory, unreadable, not UTF-8, bad JSON lines
+        fail(SCRIPT, f"--input {args.input}: {e}" if args.input else str(e))
+    if not docs:
+        fail(SCRIPT, f"--input {args.input} holds no documents")
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     pattern = rustbpe.Tokenizer().get_pattern()
     print0(f"corpus: {len(docs):,} documents, {n_bytes / 1e6:.2f} MB; vocab size {args.vocab_size}; "

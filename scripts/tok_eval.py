@@ -1,6 +1,6 @@
 """How well does the report tokenizer compress, and would a bigger vocabulary help?
 
-    python -m scripts.tok_eval --dataset data/synthetic                  # -> data/synthetic/tokenizer/tok_eval.*
+    python -m scripts.tok_eval --dataset data/synthetic                  # -> data/synthetic/tokenizer_v2000/tok_eval.*
     python -m scripts.tok_eval --dataset data/synthetic --out runs/x/tok_eval
     python -m scripts.tok_eval --input reports.jsonl --tokenizer tok/
 
@@ -14,7 +14,6 @@ Writes tok_eval.json and tok_eval.png into --out (default: the tokenizer directo
 """
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -27,8 +26,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import tiktoken
 
-from echovlm.common import atomic_write_json, print0
-from echovlm.tokenizer import Tokenizer, read_corpus
+from echovlm.common import atomic_write_json, fail, print0
+from echovlm.tokenizer import Tokenizer, read_corpus, tokenizer_dir
+from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
+
+SCRIPT = "tok_eval"
 
 REFERENCE_ENCODINGS = {"gpt2": "GPT-2", "o200k_base": "GPT-4o"}
 
@@ -99,12 +101,15 @@ def plot(path: Path, sweep: list[dict], ours: dict, references: dict, plateau_at
     plt.close(fig)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="prepared dataset directory (held out: its val reports)")
     src.add_argument("--input", help=".txt or .jsonl corpus (held out: its last 10%% of documents)")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default <dataset>/tokenizer; required with --input)")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                        help="with --dataset: which of its tokenizers, by size, as tok_train made it (default: %(default)s)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default <dataset>/tokenizer_v<vocab size>, where "
+                                            "tok_train writes it; required with --input)")
     parser.add_argument("--out", help="where tok_eval.json/png go (default: the tokenizer directory)")
     parser.add_argument("--sweep", default="500,1000,2000,3000,4000",
                         help="comma-separated vocab sizes to train and compare (default %(default)s)")
@@ -113,25 +118,35 @@ def main(argv=None):
     parser.add_argument("--plateau", type=float, default=0.02,
                         help="relative bytes/token gain per 1000 tokens below which compression has stopped "
                              "improving (default %(default)s)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         sizes = sorted({int(v) for v in args.sweep.split(",")})
     except ValueError:
-        parser.error(f"--sweep must be comma-separated integers, got {args.sweep!r}")
+        fail(SCRIPT, f"--sweep must be comma-separated integers, got {args.sweep!r}")
     if sizes[0] < 259:
-        parser.error("--sweep sizes must be at least 259 (256 bytes + 3 special tokens)")
+        fail(SCRIPT, f"--sweep sizes must be at least 259 (256 bytes + 3 special tokens), got {sizes[0]}")
+    if args.sweep_docs < 1:
+        fail(SCRIPT, f"--sweep-docs must be at least 1, got {args.sweep_docs}")
+    if not args.plateau > 0:  # nan too
+        fail(SCRIPT, f"--plateau must be a number > 0, got {args.plateau}")
     if args.tokenizer is None:
         if args.input:
-            parser.error("--tokenizer is required with --input")
-        args.tokenizer = os.path.join(args.dataset, "tokenizer")
+            fail(SCRIPT, "--tokenizer is required with --input (the directory tok_train wrote)")
+        args.tokenizer = str(tokenizer_dir(args.dataset, args.vocab_size))
     out = Path(args.out or args.tokenizer)
 
     try:
         tok = Tokenizer.load(args.tokenizer)
+    except (OSError, ValueError) as e:
+        fail(SCRIPT, str(e))
+    try:
         train_docs, held_out = load_corpus(args)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (OSError, ValueError) as e:
+        fail(SCRIPT, str(e))
     print0(f"held-out: {len(held_out):,} reports; sweep trains on {min(len(train_docs), args.sweep_docs):,} "
            f"of {len(train_docs):,} training reports")
 

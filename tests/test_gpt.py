@@ -10,8 +10,9 @@ import torch
 
 from echovlm.engine import KVCache
 from echovlm.gpt import GPT, GPTConfig
-from echovlm.optim import Muon
 from echovlm.loader import collate
+from echovlm.optim import Muon
+from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
 
 BOS, EOS, PAD = 20, 21, 22
 VOCAB = 23
@@ -119,12 +120,12 @@ def test_bad_inputs_are_refused():
 
 
 def test_config_size_and_optimiser_groups():
-    config = GPTConfig(depth=8, vocab_size=2003, embed_dim=512, sequence_len=256)
+    config = GPTConfig(depth=8, embed_dim=512, sequence_len=256)  # the default vocabulary
     assert json.loads(json.dumps(asdict(config))) == asdict(config)
     assert (config.n_embd, config.n_head, config.head_dim) == (512, 4, 128)
     with torch.device("meta"):
         model = GPT(config)
-    assert 26e6 < model.num_params() < 29e6
+    assert config.vocab_size == DEFAULT_VOCAB_SIZE and round(model.num_params() / 1e6, 1) == 27.5  # gpt.py's docstring
     adamw, muon = model.setup_optimizers()
     adam_params = [p for g in adamw.param_groups for p in g["params"]]
     muon_params = [p for g in muon.param_groups for p in g["params"]]
