@@ -1,4 +1,10 @@
 //! Encoding a chunk the way tiktoken does, so our ids and tiktoken's are interchangeable.
+//!
+//! Why this is here although the pipeline never calls it (echovlm/tokenizer.py encodes with tiktoken): it is
+//! the reference that ties the trainer to tiktoken. Merges counted on our splitter's chunks (split.rs) are only
+//! the right merges if tiktoken cuts the same text at the same places and applies them in the same order;
+//! tests/test_rustbpe.py::test_encode_matches_tiktoken checks both at once by comparing `Tokenizer.encode` with
+//! tiktoken's `encode_ordinary` on random text. It also keeps the Python API nanochat's rustbpe has.
 
 use ahash::AHashMap;
 

@@ -2,6 +2,8 @@
 //!
 //! Python API (the names nanochat's rustbpe uses): `Tokenizer()`, `train_from_iterator(iterator,
 //! vocab_size, buffer_size=8192, pattern=None)`, `get_pattern()`, `get_mergeable_ranks()`, `encode(text)`.
+//! echovlm trains here and encodes with tiktoken; `encode` is kept as the check that the two agree
+//! (see encode.rs).
 
 mod encode;
 mod split;
