@@ -484,15 +484,3 @@ def study_and_patient_ids(n_studies: int, seed: int = 0) -> tuple[list[str], lis
         studies += st
         patients += pa
     return studies, patients
-
-
-def generate(n_studies: int, seed: int = 0, signal: float = DEFAULT_SIGNAL, videos_per_study: int = 1,
-             embed_dim: int = 512) -> SyntheticStudies:
-    """All n_studies at once (tests, small sets); prepare_dataset streams with iter_chunks instead."""
-    chunks = list(iter_chunks(n_studies, seed, signal, videos_per_study, embed_dim))
-    return SyntheticStudies(
-        studies=[x for c in chunks for x in c.studies], patients=[x for c in chunks for x in c.patients],
-        reports=[x for c in chunks for x in c.reports], labels=[x for c in chunks for x in c.labels],
-        embeddings=np.concatenate([c.embeddings for c in chunks]),
-        offsets=np.arange(n_studies + 1, dtype=np.int64) * videos_per_study,
-        states={k: np.concatenate([c.states[k] for c in chunks]) for k in chunks[0].states})
