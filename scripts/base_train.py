@@ -10,9 +10,13 @@ batch needs, so 1 GPU and 8 GPUs follow the same curve (up to floating point noi
 step is divided by the number of real target tokens in the whole global batch (known to every rank, since
 every rank draws the same global batches), so neither accumulation nor world size changes the gradient.
 
-Hardware-aware defaults: on CUDA a full config (depth 8, 256 sequences per step, bf16, torch.compile,
-2 epochs); on CPU a small one (depth 4, 32 sequences per step, 300 steps) that turns the synthetic
-dataset into a useful report writer in a few minutes on 2 cores. Any flag given overrides its default.
+Hardware-aware defaults (echovlm.train.HARDWARE_DEFAULTS; each flag's help below gives its values): on CUDA a
+full config (bf16, torch.compile, a few epochs); on CPU a small one that turns the synthetic dataset into a
+useful report writer in a few minutes on 2 cores. Any flag given overrides its default.
+
+Ctrl-C or SIGTERM finishes the current step, saves it to checkpoints/last.pt and exits 130 / 143 with the
+command that resumes; --resume keeps the run's settings (a flag given with another value is refused) and does
+nothing for a run that has finished.
 
 Outputs in run_dir (made under --run-dir, never overwriting an earlier run): config.json, train.csv,
 val.csv, train.png, val.png, checkpoints/{last,best}.pt, train_summary.json.
@@ -32,6 +36,7 @@ import torch.distributed as dist
 from echovlm.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
 from echovlm.common import (atomic_write_json, compute_cleanup, compute_init, fail, new_run_dir, print0,
                             seed_everything)
+from echovlm.tokenizer import STATS_FILE
 from echovlm.train import (HARDWARE_DEFAULTS, OPTIM_DEFAULTS, TRAIN_FIELDS, VAL_FIELDS, InputError, StopSignals,
                            all_reduce_sum, apply_hardware_defaults, evaluate, lr_multiplier, make_autocast,
                            muon_momentum, peak_flops, peak_memory_mb, plot, read_csv, setup_training, train_step,
@@ -40,6 +45,7 @@ from echovlm.train import (HARDWARE_DEFAULTS, OPTIM_DEFAULTS, TRAIN_FIELDS, VAL_
 GPU, CPU = HARDWARE_DEFAULTS["cuda"], HARDWARE_DEFAULTS["cpu"]
 # flags that say where a new run goes or what hardware runs it: a resume may give other values
 NOT_PINNED = ("resume", "run_dir", "run_name", "device")
+
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,11 +151,18 @@ def open_resumed(args, given: dict, world: int):
         fail("base_train", f"{ckpt_path} does not exist (the run stopped before its first "
                            "checkpoint); start it again without --resume")
     try:
-        saved = json.loads((run_dir / "config.json").read_text())["args"]
+        config = json.loads((run_dir / "config.json").read_text())
+        saved = config["args"]
         flags = dict(saved["flags"])
     except (ValueError, KeyError, TypeError) as e:
         fail("base_train", f"{run_dir / 'config.json'} is not a base_train config ({type(e).__name__}: {e}); "
                            "start a new run without --resume")
+    if flags.get("vocab_size") is None:  # a run from before --vocab-size: the tokenizer it recorded
+        try:
+            stats = json.loads((Path(config["tokenizer_dir"]) / STATS_FILE).read_text())
+            flags["vocab_size"] = int(stats["settings"]["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     differ = []
     for key, value in given.items():
         if key in NOT_PINNED or value == "auto" or key not in flags:
