@@ -24,6 +24,7 @@ from echovlm.dataset import open_dataset
 from echovlm.gpt import GPT, GPTConfig
 from echovlm.loader import DeviceSplit, TrainLoader
 from echovlm.tokenizer import CONFIG_FILE, STATS_FILE, Tokenizer, check_tokens_current, tokenizer_dir
+from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
 
 # dense bf16 peak of the accelerators we know; MFU is left out (nan) elsewhere rather than guessed
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -100,7 +101,8 @@ def setup_training(args, device, rank: int, world: int):
 
 
 def find_tokenizer(dataset_path: Path, vocab_size: int | None) -> Path:
-    """The dataset's tokenizer directory of `vocab_size` (scripts.tok_train's layout), or with None its only one."""
+    """The dataset's tokenizer directory of `vocab_size` (scripts.tok_train's layout); with None its only one, or
+    of several the one of the default size (DEFAULT_VOCAB_SIZE, what tok_train makes when not told a size)."""
     train = f"`python -m scripts.tok_train --dataset {dataset_path}"
     if vocab_size is not None:
         tok_dir = tokenizer_dir(dataset_path, vocab_size)
@@ -112,6 +114,9 @@ def find_tokenizer(dataset_path: Path, vocab_size: int | None) -> Path:
     if not found:
         raise FileNotFoundError(f"no tokenizer in {dataset_path}: run {train}` first")
     if len(found) > 1:
+        default = tokenizer_dir(dataset_path, DEFAULT_VOCAB_SIZE)  # the one tok_train makes when not told a size
+        if default in found:
+            return find_tokenizer(dataset_path, DEFAULT_VOCAB_SIZE)
         raise ValueError(f"{dataset_path} holds several tokenizers ({', '.join(d.name for d in found)}); say which "
                          "one with --vocab-size")
     if not (found[0] / STATS_FILE).is_file():

@@ -37,6 +37,7 @@ from echovlm.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
 from echovlm.common import (atomic_write_json, compute_cleanup, compute_init, fail, new_run_dir, print0,
                             seed_everything)
 from echovlm.tokenizer import STATS_FILE
+from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
 from echovlm.train import (HARDWARE_DEFAULTS, OPTIM_DEFAULTS, TRAIN_FIELDS, VAL_FIELDS, InputError, StopSignals,
                            all_reduce_sum, apply_hardware_defaults, evaluate, lr_multiplier, make_autocast,
                            muon_momentum, peak_flops, peak_memory_mb, plot, read_csv, setup_training, train_step,
@@ -54,7 +55,8 @@ def build_parser():
                                     "the settings in its config.json (a flag given with a different value is "
                                     "refused); on several nodes it must be on a filesystem that every node sees")
     p.add_argument("--vocab-size", type=int, help="which of the dataset's tokenizers (scripts.tok_train --vocab-size) "
-                                                  "to train with (default: its only one)")
+                                                  f"to train with (default: its only one; of several, the one of size "
+                                                  f"{DEFAULT_VOCAB_SIZE})")
     p.add_argument("--depth", type=int, help=f"model size knob: width 64*depth (default: {GPU['depth']} on CUDA, "
                                              f"{CPU['depth']} on CPU)")
     p.add_argument("--sequence-len", type=int, help="positions per sequence (default: the longest train study, "

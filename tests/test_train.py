@@ -24,6 +24,7 @@ from echovlm.gpt import GPT
 from echovlm.loader import DeviceSplit, TrainLoader
 from echovlm.tokenizer import Tokenizer
 from echovlm.train import HARDWARE_DEFAULTS, OPTIM_DEFAULTS, find_tokenizer, read_split_tokens
+from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
 from scripts import base_train, prepare_dataset, tok_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -435,3 +436,23 @@ def test_a_signal_saves_the_step_and_the_run_resumes(dataset, tmp_path, sig, cod
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
         assert [int(r["step"]) for r in read_rows(tmp_path / "sig" / "train.csv")] == list(range(1, 101))
+
+
+def test_the_tokenizer_is_the_only_one_or_the_default_size(tmp_path):
+    def make(name):
+        (tmp_path / name).mkdir()
+        for f in ("tokenizer.json", "tok_stats.json"):
+            (tmp_path / name / f).write_text("{}")
+
+    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+        find_tokenizer(tmp_path, None)
+    make("tokenizer_v300")
+    assert find_tokenizer(tmp_path, None) == tmp_path / "tokenizer_v300"
+    make("tokenizer_v400")
+    with pytest.raises(ValueError, match="several tokenizers .*tokenizer_v300, tokenizer_v400.* --vocab-size"):
+        find_tokenizer(tmp_path, None)
+    assert find_tokenizer(tmp_path, 400) == tmp_path / "tokenizer_v400"
+    make(f"tokenizer_v{DEFAULT_VOCAB_SIZE}")  # what tok_train makes when not told a size
+    assert find_tokenizer(tmp_path, None) == tmp_path / f"tokenizer_v{DEFAULT_VOCAB_SIZE}"
+    with pytest.raises(FileNotFoundError, match="run `python -m scripts.tok_train .* --vocab-size 500`"):
+        find_tokenizer(tmp_path, 500)
