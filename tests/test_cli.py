@@ -83,7 +83,13 @@ def same(said: str, held) -> bool:
     return said == held
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+# known and reported: the checker fails on these until the default gets a home it can read (strict: a fix that
+# makes one pass fails here too, so this list is emptied as they are fixed)
+KNOWN = {"test_inference": "--batch-size's per-device default (256 CUDA, 64 CPU) is inline in main(), in no table"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN[n])) if n in KNOWN
+                                  else n for n in SCRIPTS])
 def test_help_states_the_defaults_the_code_uses(name, monkeypatch):
     module = importlib.import_module(f"scripts.{name}")
     parser = parser_of(module, monkeypatch)
