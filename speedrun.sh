@@ -242,7 +242,7 @@ else
 fi
 
 # ---------------------------------------------------------------- the pipeline
-VOCAB=()  # unset: tok_train's default size, and base_train takes the dataset's tokenizer of that size
+VOCAB=()  # unset: the scripts' default size (echovlm.vocabulary.DEFAULT_VOCAB_SIZE)
 [[ -n "${VOCAB_SIZE:-}" ]] && VOCAB=(--vocab-size "$VOCAB_SIZE")
 TRAIN_ARGS=(--dataset "$DATASET" --run-dir "$RUN" --run-name model --seed "$SEED" "${VOCAB[@]}")
 [[ -n "${DEPTH:-}" ]] && TRAIN_ARGS+=(--depth "$DEPTH")
@@ -277,7 +277,7 @@ fi
 
 step prepare_dataset "${PREPARE[@]}"
 step tok_train       "${PY[@]}" -m scripts.tok_train --dataset "$DATASET" "${VOCAB[@]}"
-step tok_eval        "${PY[@]}" -m scripts.tok_eval --dataset "$DATASET" --out "$RUN/tok_eval"
+step tok_eval        "${PY[@]}" -m scripts.tok_eval --dataset "$DATASET" "${VOCAB[@]}" --out "$RUN/tok_eval"
 step base_train      "${TRAIN[@]}" "${TRAIN_ARGS[@]}"
 step test_inference  "${PY[@]}" -m scripts.test_inference "${EVAL_ARGS[@]}"
 step generate_report "${PY[@]}" -m scripts.generate_report "${GEN_ARGS[@]}"
