@@ -149,7 +149,8 @@ EVAL_SAMPLES=${EVAL_SAMPLES:-5}
 GPU_HOURLY_USD=${GPU_HOURLY_USD:-3.00}
 
 mkdir -p "$RUN/steps"
-# tee ignores Ctrl-C: it must outlive the step that is saving its work and printing how to resume
+# tee ignores SIGINT and SIGTERM sent to the whole group (Ctrl-C, a scheduler's stop): it must outlive the step
+# that is saving its work and printing how to resume
 exec > >(trap '' INT TERM; exec tee -a "$RUN/speedrun.log") 2>&1
 [[ -f "$RUN/machine.json" ]] || "${PY[@]}" -m echovlm.report "$RUN" --machine
 
