@@ -22,9 +22,9 @@
 #   NUM_STEPS / EPOCHS            training budget (default: base_train's hardware-aware choice)
 #   DEVICE_BATCH / TOTAL_BATCH    per-GPU micro batch / global batch in sequences
 #   EVAL_STUDIES                  test studies scored (default: all of the test split; 500 on CPU)
-#   EVAL_SAMPLES=5                sampled reports per study for the AUROC score
+#   EVAL_SAMPLES                  sampled reports per study for the AUROC score, 0: greedy only (default: test_inference's)
 #   STUDY_DIR                     your own echo study (DICOM/AVI/MP4 folder) for the last step
-#   GPU_HOURLY_USD=3.00           price used for the cost estimate on the report card
+#   GPU_HOURLY_USD                price used for the cost estimate on the report card (default: echovlm.report's)
 #   NGPU                          GPUs to use (default: all that torch sees)
 #   ECHOVLM_STOP_AFTER            stop after this step (e.g. tok_train: only the data steps)
 #   ECHOVLM_NO_SYNC=0             1 = skip `uv sync` (the environment is already set up)
@@ -58,8 +58,8 @@ num_var() {  # num_var NAME: unset/empty, or a decimal number; "positive" also e
   [[ "$v" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] || bad "$1=$v: expected a number"
   [[ "$2" != positive || "$v" =~ [1-9] ]] || bad "$1=$v: expected a number > 0"
 }
-for name in N_STUDIES DEPTH NUM_STEPS DEVICE_BATCH TOTAL_BATCH EVAL_STUDIES EVAL_SAMPLES; do int_var "$name" 1; done
-int_var SEED 0; int_var NGPU 0; num_var EPOCHS positive; num_var GPU_HOURLY_USD
+for name in N_STUDIES DEPTH NUM_STEPS DEVICE_BATCH TOTAL_BATCH EVAL_STUDIES; do int_var "$name" 1; done
+int_var EVAL_SAMPLES 0; int_var SEED 0; int_var NGPU 0; num_var EPOCHS positive; num_var GPU_HOURLY_USD
 # tok_train's own bounds (256 bytes + 3 special tokens; uint16 token ids), checked here so a typo fails now
 int_var VOCAB_SIZE 259; [[ -z "${VOCAB_SIZE:-}" ]] || (( 10#$VOCAB_SIZE <= 65536 )) || bad "VOCAB_SIZE=$VOCAB_SIZE: at most 65536"
 [[ "$FRESH" == 0 || "$FRESH" == 1 ]] || bad "ECHOVLM_FRESH=$FRESH: expected 0 or 1"
@@ -145,8 +145,6 @@ ECHOPRIME_DIR=${ECHOPRIME_DIR:-../EchoPrime}
 ECHOVLM_DATA=${ECHOVLM_DATA:-data}
 DATA=$ECHOVLM_DATA
 SEED=${SEED:-0}
-EVAL_SAMPLES=${EVAL_SAMPLES:-5}
-GPU_HOURLY_USD=${GPU_HOURLY_USD:-3.00}
 
 mkdir -p "$RUN/steps"
 # tee ignores SIGINT and SIGTERM sent to the whole group (Ctrl-C, a scheduler's stop): it must outlive the step
@@ -261,7 +259,8 @@ if [[ ! -f "$RUN/steps/base_train.done" && -d "$RUN/model" ]]; then
   fi
 fi
 
-EVAL_ARGS=(--run "$RUN/model" --out "$RUN/eval" --samples "$EVAL_SAMPLES" --seed "$SEED")
+EVAL_ARGS=(--run "$RUN/model" --out "$RUN/eval" --seed "$SEED")
+[[ -n "${EVAL_SAMPLES:-}" ]] && EVAL_ARGS+=(--samples "$EVAL_SAMPLES")
 [[ -n "${EVAL_STUDIES:-}" ]] && EVAL_ARGS+=(--max-studies "$EVAL_STUDIES")
 
 # the last step writes a report from videos when it can (your STUDY_DIR, else the release's example study when
@@ -283,5 +282,7 @@ step base_train      "${TRAIN[@]}" "${TRAIN_ARGS[@]}"
 step test_inference  "${PY[@]}" -m scripts.test_inference "${EVAL_ARGS[@]}"
 step generate_report "${PY[@]}" -m scripts.generate_report "${GEN_ARGS[@]}"
 T_END=$(date +%s)
-"${PY[@]}" -m echovlm.report "$RUN" --wall-seconds $(( T_END - T_START )) --gpu-hourly-usd "$GPU_HOURLY_USD"
+COST=()
+[[ -n "${GPU_HOURLY_USD:-}" ]] && COST=(--gpu-hourly-usd "$GPU_HOURLY_USD")
+"${PY[@]}" -m echovlm.report "$RUN" --wall-seconds $(( T_END - T_START )) "${COST[@]}"
 log "all done in $(( T_END - T_START ))s this session; report card: $RUN/report.md"
