@@ -249,6 +249,7 @@ function render(job) {
 
 function card(f) {
   if (f.reason) return `<div class="card bad"><div class="name">${esc(f.name)}</div><div class="err">skipped: ${esc(f.reason)}</div></div>`;
+  if (!f.view) return `<div class="card"><div class="name">${esc(f.name)}</div><div class="muted">not processed</div></div>`;
   return `<div class="card clipcard"><div class="clip" style="background-image:url(${esc(f.preview)})"></div>` +
     `<div class="name">${esc(f.name)}</div><div class="view">${esc(f.view)}</div>` +
     `<div class="muted">view confidence ${(100 * f.confidence).toFixed(0)}%</div></div>`;

@@ -131,6 +131,15 @@ def test_bad_uploads_are_messages_on_their_cards(client, tmp_path):
     assert not [p for p in set(Path("/tmp").iterdir()) - before if p.name.startswith("echovlm-serve-")]
 
 
+def test_synthetic_model_refuses_videos_without_the_flag(reporter, run_with_card, make_video, tmp_path):
+    run = run_with_card[0]
+    with TestClient(serve.make_app(reporter, run.parent, run, max_upload_mb=5)) as strict:
+        assert "uploaded videos are refused" in strict.get("/api/info").json()["warnings"][0]
+        clip = make_video(tmp_path / "a.mp4", 4, 0).read_bytes()
+        job = wait(strict, post(strict, files=[("files", ("a.mp4", clip, "video/mp4"))]).json()["id"])
+    assert job["state"] == "error" and "--allow-synthetic-model" in job["error"] and "'synthetic'" in job["error"]
+
+
 def test_over_the_size_limit(client):
     created = post(client, files=[("files", ("big.mp4", b"\0" * (7 << 20), "video/mp4"))])
     assert created.status_code == 413 and "limit of 5 MB" in created.json()["error"]
