@@ -9,6 +9,7 @@ tiny synthetic one of tests/conftest.py, so the server runs with --allow-synthet
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -113,7 +114,8 @@ def test_test_study_report_with_reference_and_downloads(client, run_with_card):
 
 
 def test_bad_uploads_are_messages_on_their_cards(client, tmp_path):
-    before = set(Path("/tmp").iterdir())
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.iterdir())
     files = [("files", ("empty.mp4", b"", "video/mp4")),
              ("files", ("random.mp4", np.random.default_rng(0).bytes(5000), "video/mp4")),
              ("files", ("notes.txt", b"not a video at all\n", "text/plain")),
@@ -128,7 +130,7 @@ def test_bad_uploads_are_messages_on_their_cards(client, tmp_path):
     assert "../../../../tmp/escaped.mp4" in reasons  # shown as sent, never used as a path
     assert not Path("/tmp/escaped.mp4").exists()
     assert "echovlm-serve-" not in job["error"]  # the server's own file names never reach the page
-    assert not [p for p in set(Path("/tmp").iterdir()) - before if p.name.startswith("echovlm-serve-")]
+    assert not [p for p in set(temp.iterdir()) - before if p.name.startswith("echovlm-serve-")]  # deleted
 
 
 def test_synthetic_model_refuses_videos_without_the_flag(reporter, run_with_card, make_video, tmp_path):
