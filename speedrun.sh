@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# echovlm speedrun: data -> tokenizer -> model -> clinical evaluation -> one study's report -> report card.
+# echovlm speedrun: data -> tokenizer -> model -> clinical-reward fine-tuning -> clinical evaluation (base and
+# fine-tuned) -> one study's report -> report card.
 #
 #   bash speedrun.sh            # resume the latest run (finished steps are skipped), or start one
 #   bash speedrun.sh --fresh    # start over in a new run directory; earlier runs are never deleted
@@ -21,6 +22,9 @@
 #   DEPTH                         model depth (default: base_train's hardware-aware choice)
 #   NUM_STEPS / EPOCHS            training budget (default: base_train's hardware-aware choice)
 #   DEVICE_BATCH / TOTAL_BATCH    per-GPU micro batch / global batch in sequences
+#   RL_STEPS                      clinical-reward fine-tuning steps, 0 = none (default: rl_train's hardware-aware choice)
+#   ECHOPRIME_RULES               label reports with EchoPrime's per_section.json (file or checkout) in the reward and
+#                                 the evaluation, instead of echovlm.clinical's rules
 #   EVAL_STUDIES                  test studies scored (default: all of the test split; 500 on CPU)
 #   EVAL_SAMPLES                  sampled reports per study for the AUROC score, 0: greedy only (default: test_inference's)
 #   STUDY_DIR                     your own echo study (DICOM/AVI/MP4 folder) for the last step
@@ -41,9 +45,10 @@ for arg in "$@"; do
     *) echo "speedrun.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
-STEPS=(prepare_dataset tok_train tok_eval base_train test_inference generate_report)
+STEPS=(prepare_dataset tok_train tok_eval base_train base_eval rl_train test_inference generate_report)
 # settings a run keeps for its whole life (settings.tsv); a resume may leave them unset but not change them
-PINNED=(ECHOVLM_DATA N_STUDIES SEED VOCAB_SIZE DEPTH NUM_STEPS EPOCHS DEVICE_BATCH TOTAL_BATCH EVAL_STUDIES EVAL_SAMPLES)
+PINNED=(ECHOVLM_DATA N_STUDIES SEED VOCAB_SIZE DEPTH NUM_STEPS EPOCHS DEVICE_BATCH TOTAL_BATCH RL_STEPS ECHOPRIME_RULES
+        EVAL_STUDIES EVAL_SAMPLES)
 
 # ---------------------------------------------------------------- every value checked before anything runs
 bad() { echo "speedrun.sh: $*" >&2; exit 2; }
@@ -59,7 +64,7 @@ num_var() {  # num_var NAME: unset/empty, or a decimal number; "positive" also e
   [[ "$2" != positive || "$v" =~ [1-9] ]] || bad "$1=$v: expected a number > 0"
 }
 for name in N_STUDIES DEPTH NUM_STEPS DEVICE_BATCH TOTAL_BATCH EVAL_STUDIES; do int_var "$name" 1; done
-int_var EVAL_SAMPLES 0; int_var SEED 0; int_var NGPU 0; num_var EPOCHS positive; num_var GPU_HOURLY_USD
+int_var EVAL_SAMPLES 0; int_var RL_STEPS 0; int_var SEED 0; int_var NGPU 0; num_var EPOCHS positive; num_var GPU_HOURLY_USD
 # tok_train's own bounds (256 bytes + 3 special tokens; uint16 token ids), checked here so a typo fails now
 int_var VOCAB_SIZE 259; [[ -z "${VOCAB_SIZE:-}" ]] || (( 10#$VOCAB_SIZE <= 65536 )) || bad "VOCAB_SIZE=$VOCAB_SIZE: at most 65536"
 [[ "$FRESH" == 0 || "$FRESH" == 1 ]] || bad "ECHOVLM_FRESH=$FRESH: expected 0 or 1"
@@ -71,6 +76,9 @@ if [[ -n "${ECHOVLM_STOP_AFTER:-}" && " ${STEPS[*]} " != *" $ECHOVLM_STOP_AFTER 
 fi
 if [[ -n "${ECHOVLM_PYTHON:-}" ]] && ! command -v "$ECHOVLM_PYTHON" >/dev/null; then
   bad "ECHOVLM_PYTHON=$ECHOVLM_PYTHON: no such program"
+fi
+if [[ -n "${ECHOPRIME_RULES:-}" && ! -e "$ECHOPRIME_RULES" ]]; then
+  bad "ECHOPRIME_RULES=$ECHOPRIME_RULES does not exist: give EchoPrime's per_section.json or the checkout holding it"
 fi
 if [[ -n "${STUDY_DIR:-}" && ! -e "$STUDY_DIR" ]]; then
   bad "STUDY_DIR=$STUDY_DIR does not exist: give the folder (or video file) of your echo study"
@@ -184,10 +192,12 @@ NGPU=${NGPU:-$("${PY[@]}" -c "import torch; print(torch.cuda.device_count())")}
 if [[ "$NGPU" -gt 0 ]]; then
   log "$NGPU GPU(s): full config, torchrun --nproc_per_node=$NGPU"
   TRAIN=("${PY[@]}" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m scripts.base_train)
+  RL=("${PY[@]}" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m scripts.rl_train)
   N_STUDIES=${N_STUDIES:-200000}
 else
   log "no GPU: the small CPU config on synthetic data"
   TRAIN=("${PY[@]}" -m scripts.base_train)
+  RL=("${PY[@]}" -m scripts.rl_train)
   N_STUDIES=${N_STUDIES:-20000}
   EVAL_STUDIES=${EVAL_STUDIES:-500}  # generation is the slow part of the evaluation on a CPU
 fi
@@ -259,13 +269,31 @@ if [[ ! -f "$RUN/steps/base_train.done" && -d "$RUN/model" ]]; then
   fi
 fi
 
-EVAL_ARGS=(--run "$RUN/model" --out "$RUN/eval" --seed "$SEED")
+# the clinical-reward stage fine-tunes the base model into RUN/rl, which the evaluation and the report then use;
+# the base model is evaluated on the same test studies first, so the card shows both
+RULES=()
+[[ -n "${ECHOPRIME_RULES:-}" ]] && RULES=(--echoprime-rules "$ECHOPRIME_RULES")
+FINAL="$RUN/model"
+RL_ARGS=(--base "$RUN/model" --run-dir "$RUN" --run-name rl --seed "$SEED" "${RULES[@]}")
+[[ -n "${RL_STEPS:-}" ]] && RL_ARGS+=(--num-steps "$RL_STEPS")
+if [[ "${RL_STEPS:-}" != 0 ]]; then
+  FINAL="$RUN/rl"
+  if [[ ! -f "$RUN/steps/rl_train.done" && -d "$RUN/rl" ]]; then
+    if [[ -f "$RUN/rl/checkpoints/last.pt" ]]; then
+      RL_ARGS=(--resume "$RUN/rl")
+    else
+      mv "$RUN/rl" "$RUN/rl.incomplete.$(date +%Y%m%d-%H%M%S)"
+    fi
+  fi
+fi
+
+EVAL_ARGS=(--seed "$SEED" "${RULES[@]}")
 [[ -n "${EVAL_SAMPLES:-}" ]] && EVAL_ARGS+=(--samples "$EVAL_SAMPLES")
 [[ -n "${EVAL_STUDIES:-}" ]] && EVAL_ARGS+=(--max-studies "$EVAL_STUDIES")
 
 # the last step writes a report from videos when it can (your STUDY_DIR, else the release's example study when
 # its encoder weights are there and the model was trained on EchoPrime embeddings), else for test study 0
-GEN_ARGS=(--run "$RUN/model" --out "$RUN/generate")
+GEN_ARGS=(--run "$FINAL" --out "$RUN/generate")
 EXAMPLE_STUDY="$ECHOPRIME_DIR/model_data/example_study"
 if [[ -n "${STUDY_DIR:-}" ]]; then
   GEN_ARGS+=("$STUDY_DIR" --echoprime-dir "$ECHOPRIME_DIR")
@@ -279,7 +307,11 @@ step prepare_dataset "${PREPARE[@]}"
 step tok_train       "${PY[@]}" -m scripts.tok_train --dataset "$DATASET" "${VOCAB[@]}"
 step tok_eval        "${PY[@]}" -m scripts.tok_eval --dataset "$DATASET" "${VOCAB[@]}" --out "$RUN/tok_eval"
 step base_train      "${TRAIN[@]}" "${TRAIN_ARGS[@]}"
-step test_inference  "${PY[@]}" -m scripts.test_inference "${EVAL_ARGS[@]}"
+if [[ "$FINAL" == "$RUN/rl" ]]; then
+  step base_eval     "${PY[@]}" -m scripts.test_inference --run "$RUN/model" --out "$RUN/eval_base" "${EVAL_ARGS[@]}"
+  step rl_train      "${RL[@]}" "${RL_ARGS[@]}"
+fi
+step test_inference  "${PY[@]}" -m scripts.test_inference --run "$FINAL" --out "$RUN/eval" "${EVAL_ARGS[@]}"
 step generate_report "${PY[@]}" -m scripts.generate_report "${GEN_ARGS[@]}"
 T_END=$(date +%s)
 COST=()

@@ -120,7 +120,9 @@ def build_card(run: Path, wall_seconds: int | None = None, gpu_hourly_usd: float
         lines += ["- dataset meta.json missing"]
     lines += [""]
 
-    tok = read_json(dataset / "tokenizer" / "tok_stats.json") if dataset else None
+    # the tokenizer the model was trained with (tokenizer directories are keyed by vocabulary size)
+    tok_dir = (read_json(run / "model" / "config.json") or {}).get("tokenizer_dir")
+    tok = read_json(Path(tok_dir) / "tok_stats.json") if tok_dir else None
     lines += ["## Tokenizer", ""]
     if tok:
         lines += [f"- vocab {fmt(tok.get('vocab_size'))} (rustbpe, trained in {fmt(tok.get('train_seconds'), '.2f')} s)",
@@ -149,9 +151,30 @@ def build_card(run: Path, wall_seconds: int | None = None, gpu_hourly_usd: float
         lines += ["", f"![{png.stem}]({png.relative_to(run)})"]
     lines += [""]
 
+    rl_dir = run / "rl"
+    rl = read_json(rl_dir / "train_summary.json")
+    if rl or rl_dir.is_dir():
+        lines += ["## Clinical-reward fine-tuning (rl_train)", ""]
+        if rl:
+            lines += [f"- steps: {fmt(rl.get('steps'))}, training time {fmt(rl.get('train_seconds'), '.0f')} s, "
+                      f"{fmt(rl.get('reports_per_sec'), '.1f')} sampled reports/s",
+                      f"- mean reward of the sampled reports: first step {fmt(rl.get('first_reward'))}, "
+                      f"last step {fmt(rl.get('last_reward'))}",
+                      f"- val reward (greedy reports of the fixed val subset): base {fmt(rl.get('start_val_reward'))}, "
+                      f"best {fmt(rl.get('best_val_reward'))} (the checkpoint kept), final {fmt(rl.get('final_val_reward'))}"]
+        else:
+            lines += ["- train_summary.json missing (fine-tuning did not finish)"]
+        for png in sorted(rl_dir.glob("*.png")):
+            lines += ["", f"![rl {png.stem}]({png.relative_to(run)})"]
+        lines += [""]
+
     eval_dir = latest(run, "eval")
+    base_eval = latest(run, "eval_base")
     lines += ["## Clinical evaluation (test split)", ""]
-    lines += eval_summary_table([("model", eval_dir)]) + [""]
+    evals = [("base", base_eval), ("fine-tuned", eval_dir)] if base_eval.is_dir() else [("model", eval_dir)]
+    lines += eval_summary_table(evals) + [""]
+    if base_eval.is_dir():
+        lines += ["Both rows score the same test studies; the tables below are the fine-tuned model's.", ""]
     metrics_md = read_text(eval_dir / "metrics.md")
     lines += [metrics_md.strip() if metrics_md else "- metrics.md missing (evaluation did not finish)", ""]
     for png in sorted(eval_dir.glob("*.png")):
