@@ -29,10 +29,11 @@ import numpy as np
 
 from echovlm.common import (atomic_write_bytes, atomic_write_json, fail, make_temp_dir, note_leftovers, print0,
                             replace_dir)
+from echovlm.dataset import SPLITS, open_dataset
 from echovlm.tokenizer import (CONFIG_FILE, FORMAT_VERSION, RANKS_FILE, STATS_FILE, Tokenizer, input_checksum,
                                read_corpus, tokenizer_dir)
+from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
 
-SPLITS = ("train", "val", "test")
 ENCODE_CHUNK = 10_000  # reports per encode_batch call: bounds the memory held as Python int lists
 OUTPUTS = (CONFIG_FILE, RANKS_FILE, STATS_FILE, *(f"{s}_{k}.npy" for s in SPLITS for k in ("tokens", "offsets")))
 
@@ -44,8 +45,6 @@ def load_texts(args) -> dict[str, list[str]]:
             return {"train": read_corpus(args.input)}
         except (FileNotFoundError, ValueError) as e:
             fail("tok_train", str(e))
-    from echovlm.dataset import open_dataset  # pandas and friends: only needed on this path
-
     try:
         ds = open_dataset(args.dataset)
         return {split: ds.reports(split) for split in SPLITS}
@@ -102,8 +101,8 @@ def main(argv=None):
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="prepared dataset directory (trains on its train reports)")
     src.add_argument("--input", help=".txt (one document per line) or .jsonl (report/text field) corpus")
-    parser.add_argument("--vocab-size", type=int, default=2000,
-                        help="tokens in the vocabulary, the 3 special tokens included (default 2000)")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                        help="tokens in the vocabulary, the 3 special tokens included (default %(default)s)")
     parser.add_argument("--out", help="tokenizer directory (default <dataset>/tokenizer_v<vocab size>; required "
                                       "with --input)")
     parser.add_argument("--force", action="store_true", help="replace a different tokenizer already in --out")

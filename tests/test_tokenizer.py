@@ -156,7 +156,7 @@ def test_tok_train_dataset_writes_token_arrays(tmp_path, monkeypatch):
         def reports(self, split):
             return splits[split]
 
-    monkeypatch.setattr("echovlm.dataset.open_dataset", lambda path: FakeDataset())
+    monkeypatch.setattr(tok_train, "open_dataset", lambda path: FakeDataset())
     tok_train.main(["--dataset", str(tmp_path), "--vocab-size", "320"])
     out = tmp_path / "tokenizer_v320"
     tok = Tokenizer.load(out)
