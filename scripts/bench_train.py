@@ -28,10 +28,10 @@ from contextlib import nullcontext
 import torch
 
 from echovlm.common import autodetect_device, fail, print0, seed_everything
+from echovlm.echoprime import PUBLISHED_STUDIES
 from echovlm.train import (OPTIM_DEFAULTS, apply_hardware_defaults, make_autocast, peak_flops, peak_memory_mb,
                            setup_training, train_step)
 
-ECHOPRIME_STUDIES = 1_230_676
 # bench-only defaults; batch sizes (and the CUDA depth) are base_train's hardware defaults
 BENCH_DEFAULTS = {"cuda": dict(steps=30, warmup_steps=10, synthetic_studies=32_000),
                   "cpu": dict(depth=2, steps=6, warmup_steps=2, synthetic_studies=2_000)}
@@ -52,7 +52,7 @@ def parse_args(argv=None):
                    help="torch.compile the model (default: on CUDA)")
     p.add_argument("--compare-compile", action="store_true",
                    help="add a row with the grouped config compiled the other way (eager vs compiled)")
-    p.add_argument("--project-studies", type=int, default=ECHOPRIME_STUDIES,
+    p.add_argument("--project-studies", type=int, default=PUBLISHED_STUDIES,
                    help="studies in the epoch whose time is projected (default: the EchoPrime release)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
