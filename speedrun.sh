@@ -292,7 +292,9 @@ EVAL_ARGS=(--seed "$SEED" "${RULES[@]}")
 [[ -n "${EVAL_STUDIES:-}" ]] && EVAL_ARGS+=(--max-studies "$EVAL_STUDIES")
 
 # the last step writes a report from videos when it can (your STUDY_DIR, else the release's example study when
-# its encoder weights are there and the model was trained on EchoPrime embeddings), else for test study 0
+# its encoder weights are there and the model was trained on EchoPrime embeddings), else for test study 0.
+# The two release paths below have their one home in echovlm/echoprime.py (EXAMPLE_STUDY, ENCODER_WEIGHTS);
+# bash cannot import them, so tests/test_speedrun.py checks these copies against it
 GEN_ARGS=(--run "$FINAL" --out "$RUN/generate")
 EXAMPLE_STUDY="$ECHOPRIME_DIR/model_data/example_study"
 if [[ -n "${STUDY_DIR:-}" ]]; then

@@ -37,6 +37,7 @@ import torch
 from echovlm.checkpoint import load_model
 from echovlm.clinical import SECTIONS, TRAITS, extract_labels
 from echovlm.dataset import open_dataset
+from echovlm.echoprime import EMBED_DIM, ENCODER_WEIGHTS, VIEW_CLASSIFIER_WEIGHTS, WEIGHTS
 from echovlm.engine import Engine
 from echovlm.retrieval import nearest_training_studies
 
@@ -168,23 +169,23 @@ class Reporter:
 
         if self.video_models is None:
             # the weights first: a missing download fails in milliseconds, not after every video has been decoded
-            weights = self.echoprime_dir / "model_data" / "weights"
-            encoder_file, views_file = weights / "echo_prime_encoder.pt", weights / "view_classifier.pt"
+            encoder_file, views_file = self.echoprime_dir / ENCODER_WEIGHTS, self.echoprime_dir / VIEW_CLASSIFIER_WEIGHTS
             try:
                 encoder = video.build_encoder(encoder_file).to(self.device)
                 views = video.build_view_classifier(views_file).to(self.device)
             except (FileNotFoundError, ValueError) as e:
                 raise ReportError(f"{e} (--echoprime-dir, now {self.echoprime_dir}, is the folder that holds "
-                                  "model_data/weights)") from None
+                                  f"{WEIGHTS.as_posix()})") from None
             provenance = {"video_encoder": str(encoder_file.resolve()), "view_classifier": str(views_file.resolve())}
             self.video_models = encoder, views, provenance
         return self.video_models
 
     def check_video_model(self, allow_synthetic_model: bool) -> list[str]:
         """Refuse videos on a model not trained on EchoPrime-space embeddings; the warnings an override leaves."""
-        if self.embed_dim != 512:
+        if self.embed_dim != EMBED_DIM:
             raise ReportError(f"this model reads {self.embed_dim}-d embeddings, but the EchoPrime video encoder makes "
-                              "512-d ones; use a model trained on 512-d embeddings (EchoPrime data) to report on videos")
+                              f"{EMBED_DIM}-d ones; use a model trained on {EMBED_DIM}-d embeddings (EchoPrime data) to "
+                              "report on videos")
         try:
             source = self.dataset("a video study").meta.get("source")
         except ReportError as e:

@@ -195,3 +195,12 @@ def test_a_resumed_run_keeps_its_settings_and_its_stop_point(tmp_path):
     unset = speedrun(tmp_path, ECHOVLM_RUNS=str(runs), N_STUDIES="", ECHOVLM_STOP_AFTER="prepare_dataset")
     check(unset)
     assert (run_dir / "dataset").read_text() == dataset
+
+
+def test_the_release_paths_speedrun_types_are_echoprimes():
+    """speedrun.sh cannot import echovlm.echoprime, so its copies of the release layout are checked here."""
+    from echovlm.echoprime import ENCODER_WEIGHTS, EXAMPLE_STUDY
+
+    text = (ROOT / "speedrun.sh").read_text()
+    for path in (EXAMPLE_STUDY, ENCODER_WEIGHTS):
+        assert f'"$ECHOPRIME_DIR/{path.as_posix()}"' in text, path
