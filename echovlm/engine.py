@@ -58,10 +58,6 @@ class KVCache:
     def advance(self, num_tokens: int):
         self.pos += num_tokens
 
-    @property
-    def batch_size(self) -> int:
-        return 0 if self.kv is None else self.kv.shape[2]
-
     def expand(self, n: int):
         """Repeat each row n times in place (row i becomes rows i*n .. i*n+n-1): n samples share one prefill."""
         if n > 1:

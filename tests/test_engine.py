@@ -156,7 +156,7 @@ def test_kv_cache_expand_and_keep():
     cache.advance(3)
     assert torch.equal(got_k, k) and cache.pos == 3
     cache.expand(3)
-    assert cache.batch_size == 6
+    assert cache.kv.shape == (2, 2, 6, 1, 5, 4)  # (layers, k/v, rows, heads, max_len, head_dim): 2 rows x 3
     assert torch.equal(cache.kv[0, 0, 4, :, :3], k[1])
     cache.keep(torch.tensor([5, 0]))
     assert torch.equal(cache.kv[1, 1, 0, :, :3], -k[1]) and torch.equal(cache.kv[1, 1, 1, :, :3], -k[0])
