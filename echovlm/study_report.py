@@ -39,7 +39,9 @@ from echovlm.clinical import SECTIONS, TRAITS, extract_labels
 from echovlm.dataset import open_dataset
 from echovlm.echoprime import EMBED_DIM, ENCODER_WEIGHTS, VIEW_CLASSIFIER_WEIGHTS, WEIGHTS
 from echovlm.engine import Engine
+from echovlm.consistency import contradictions
 from echovlm.retrieval import nearest_training_studies
+from echovlm.reward import RewardWeights, consensus
 
 # whitespace before a "Section:" header that does not start its own line (a model may drop a newline)
 SECTION_BREAK = re.compile(r"[ \t]+(?=(?:" + "|".join(re.escape(s) for s in SECTIONS) + r")\s*:)")
@@ -47,6 +49,8 @@ SENTENCE_BREAK = re.compile(r"(?<=[.;!?])\s+(?=\S)")
 VIDEO_SOURCES = ("echoprime", "files")  # dataset sources whose embeddings can be EchoPrime video embeddings
 FAR_PERCENTILE = 1.0  # a snap less similar than 99% of held-out studies' snaps is "far"
 FAR_SAMPLE = 256  # val studies whose nearest training study sets the bar
+DECODINGS = ("consensus", "greedy", "sample")
+WEIGHT_STUDIES = 2000  # training reports whose labels set the consensus's trait weights (prevalences)
 
 
 class ReportError(Exception):
@@ -105,8 +109,14 @@ def read_embedding(path) -> np.ndarray:
     return arr[None] if arr.ndim == 1 else arr
 
 
-def check_generation(temperature: float, top_k: int | None, max_tokens: int | None):
+def check_generation(temperature: float, top_k: int | None, max_tokens: int | None, decode: str = "greedy",
+                     samples: int = 2):
     """Sampling settings, checked before any model work (NaN compares False to everything, so say it)."""
+    if decode not in DECODINGS:
+        raise ReportError(f"--decode must be one of {', '.join(DECODINGS)}, got {decode!r}")
+    if decode == "consensus" and samples < 1:
+        raise ReportError(f"--decode consensus picks among the greedy report and --samples sampled ones; --samples "
+                          f"must be >= 1, got {samples}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ReportError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -146,6 +156,7 @@ class Reporter:
         self.engine = Engine(self.model, self.tokenizer)
         self.video_models = None  # (encoder, view classifier, provenance) once loaded
         self._dataset = None
+        self._weights = None
 
     @property
     def embed_dim(self) -> int:
@@ -233,20 +244,48 @@ class Reporter:
                       "embedding_norm": float(np.linalg.norm(e))} for p, q, e in zip(kept, probs, emb)]
         return l2norm(emb), clips, per_video, [{"file": str(p), "reason": r} for p, r in skipped], provenance
 
-    def report(self, videos=None, embedding=None, study=None, conditioning="snap", temperature=0.0, top_k=None,
-               max_tokens=None, seed=0, video_batch=8, allow_synthetic_model=False, progress=None) -> StudyReport:
+    def consensus_weights(self) -> RewardWeights:
+        """The reward's trait weights from the training reports of the run's dataset (computed once)."""
+        if self._weights is None:
+            reports = self.dataset("--decode consensus").reports("train")[:WEIGHT_STUDIES]
+            self._weights = RewardWeights.from_labels([extract_labels(r) for r in reports])
+        return self._weights
+
+    def decode(self, prefix, decode: str, samples: int, temperature: float, top_k, max_tokens, seed) -> list[int]:
+        """Report token ids for one study: greedy, one sample, or the consensus of the greedy report and
+        `samples` sampled ones (echovlm.reward.consensus: the candidate that agrees best with the others under the
+        clinical reward; test_inference measures it against greedy decoding on every evaluation)."""
+        if decode == "greedy" or (decode == "sample" and temperature == 0):
+            return self.engine.generate([prefix], max_tokens=max_tokens, temperature=0.0)[0][0]
+        if decode == "sample":
+            return self.engine.generate([prefix], max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                        seed=seed)[0][0]
+        weights = self.consensus_weights()
+        greedy = self.engine.generate([prefix], max_tokens=max_tokens, temperature=0.0)[0][0]
+        drawn = self.engine.generate([prefix], max_tokens=max_tokens, temperature=temperature or 1.0, top_k=top_k,
+                                     num_samples=samples, seed=seed)[0]
+        candidates = [greedy, *drawn]
+        texts = [self.tokenizer.decode(t) for t in candidates]
+        pick = consensus([extract_labels(t) for t in texts], weights,
+                         np.array([len(contradictions(t)) for t in texts]))
+        return candidates[pick]
+
+    def report(self, videos=None, embedding=None, study=None, conditioning="snap", decode="consensus", samples=8,
+               temperature=1.0, top_k=None, max_tokens=None, seed=0, video_batch=8, allow_synthetic_model=False,
+               progress=None) -> StudyReport:
         """Exactly one of videos (files/folders), embedding (a .npy path or an array), study (test-split index)."""
         progress = progress or (lambda stage, done, total, info: None)
         if sum([bool(videos), embedding is not None, study is not None]) != 1:
             raise ReportError("give exactly one of: video paths, --embedding FILE, --study N")
         if video_batch < 1:
             raise ReportError(f"--video-batch must be >= 1, got {video_batch}")
-        check_generation(temperature, top_k, max_tokens)
+        check_generation(temperature, top_k, max_tokens, decode, samples)
         info, t0 = self.info, time.time()
         provenance = {"run": str(self.run.resolve()), "checkpoint": str(Path(info["checkpoint"]).resolve()),
                       "step": info["step"], "val_bpb": info["val_bpb"], "model_config": info["config"],
                       "tokenizer": info["tokenizer_dir"], "dataset": info["dataset"], "device": str(self.device),
-                      "generation": {"temperature": temperature, "top_k": top_k, "max_tokens": max_tokens, "seed": seed}}
+                      "generation": {"decode": decode, "samples": samples if decode == "consensus" else None,
+                                     "temperature": temperature, "top_k": top_k, "max_tokens": max_tokens, "seed": seed}}
         per_video, skipped, reference, snapped, used, clips, warnings = [], [], None, None, None, None, []
 
         if study is not None:
@@ -307,8 +346,7 @@ class Reporter:
                               f"model's sequence length {seq_len} leaves room for {room} report tokens; ask for at "
                               "most that, or leave --max-tokens unset")
         progress("generating", 0, 1, {})
-        tokens = self.engine.generate([prefix], max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                      num_samples=1, seed=seed)[0][0]
+        tokens = self.decode(prefix, decode, samples, temperature, top_k, max_tokens, seed)
         progress("generating", 1, 1, {})
         report = section_per_line(self.tokenizer.decode(tokens))
         result = {"report": report, "findings": extract_labels(report), "videos": per_video, "skipped": skipped,

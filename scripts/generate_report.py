@@ -16,6 +16,11 @@ study embeddings per study, so the videos must become such a prefix. Two ways (-
   direct that normalised mean itself, as one prefix vector (the projector has no bias and is followed by an
          RMSNorm, so the scale of a prefix vector does not matter, only its direction).
 
+The report is decoded by consensus (--decode): the greedy report and --samples reports sampled at --temperature
+are labelled, and the one that agrees best with the others under the clinical reward (echovlm.reward) is
+written; it states a finding when more than about its prevalence of the candidates do, where greedy decoding
+writes the common case and under-calls rare findings (test_inference measures both on every evaluation).
+
 Prints the report (one section per line), the findings the clinical label extractor reads from it, and the
 view of every video. --out DIR writes report.json (report, findings, per-video view and embedding norm,
 skipped files, the snapped training study, model and data provenance), report.md and report.txt into a new
@@ -35,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from echovlm.common import atomic_write_json, atomic_write_text, autodetect_device, fail, new_run_dir, print0
-from echovlm.study_report import Reporter, ReportError, markdown, printed
+from echovlm.study_report import DECODINGS, Reporter, ReportError, markdown, printed
 
 BARS = {"decoding": ("reading videos", "file"), "encoding": ("encoding videos", "video")}
 
@@ -76,8 +81,13 @@ def main(argv=None):
     p.add_argument("--conditioning", default="snap", choices=["snap", "direct"], help="how videos become the prefix")
     p.add_argument("--allow-synthetic-model", action="store_true",
                    help="report on videos with a model not trained on EchoPrime embeddings (the report says so)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--decode", default="consensus", choices=DECODINGS,
+                   help="consensus: of the greedy report and --samples sampled ones, the one that agrees best with the "
+                        "others under the clinical reward (the most accurate findings: see test_inference); greedy; or "
+                        "sample: one report at --temperature")
+    p.add_argument("--samples", type=int, default=8, help="sampled reports the consensus picks among, with the greedy one")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (consensus, sample); 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
     p.add_argument("--max-tokens", type=int, default=None, help="default: what fits in the model's sequence length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video-batch", type=int, default=8, help="videos per encoder forward pass")
@@ -95,7 +105,8 @@ def main(argv=None):
         device = torch.device(autodetect_device(args.device))
         reporter = Reporter(args.run, which=args.which, device=device, echoprime_dir=args.echoprime_dir)
         done = reporter.report(videos=args.inputs or None, embedding=args.embedding, study=args.study,
-                               conditioning=args.conditioning, temperature=args.temperature, top_k=args.top_k,
+                               conditioning=args.conditioning, decode=args.decode, samples=args.samples,
+                               temperature=args.temperature, top_k=args.top_k,
                                max_tokens=args.max_tokens, seed=args.seed, video_batch=args.video_batch,
                                allow_synthetic_model=args.allow_synthetic_model, progress=bars)
     except ReportError as e:

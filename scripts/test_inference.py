@@ -7,8 +7,10 @@ Every report, generated or reference, goes through the same label extractor (ech
 EchoPrime's own phrase rules with --echoprime-rules), and the labels are compared trait by trait, on the
 same studies, for four systems:
 
-  model      hard label: the greedy report's label. Score: the fraction of --samples reports sampled at
-             --temperature that state the finding, a continuous score so that AUROC can rank studies.
+  model      hard label: the label of the one report per study a user would get (--decode: consensus, the
+             sampled or greedy report that agrees best with the others under the clinical reward, or
+             greedy). Score: the fraction of --samples reports sampled at --temperature that state the
+             finding, a continuous score so that AUROC can rank studies.
   prior      the same model fed another test study's embeddings (a seeded shuffle that leaves no study with
              its own): what the model writes without knowing the study. Beating it shows the prefix is read.
   retrieval  the report of the nearest training study by cosine similarity of mean embeddings, as EchoPrime
@@ -18,13 +20,13 @@ same studies, for four systems:
 
 Binary traits: AUROC of the score and of the hard 0/1 label (= balanced accuracy, the number the reference
 system reports), with 95% bootstrap CIs over studies (the same resamples for every system). A trait with
-no positive or no negative study is N/A. LVEF and PASP: R^2 and MAE of the greedy (or retrieved, or
+no positive or no negative study is N/A. LVEF and PASP: R^2 and MAE of the decoded (or retrieved, or
 neighbour-mean) value; studies where either side states no value are dropped and counted. Core Metric, as
 in EchoPrime's tables: the mean over traits of AUROC (binary) and R^2 (continuous); "hard" uses hard AUROC.
 
 Consistency (echovlm.consistency): contradictions one report holds about itself (LVEF against the stated
 systolic function, a finding stated and denied, two severities, impossible numbers, a repeated section), per
-1,000 greedy reports of the model and the prior, retrieved reports and the reference reports themselves (the
+1,000 decoded reports of the model and the prior, retrieved reports and the reference reports themselves (the
 floor: what the real reports do), with counts per rule.
 
 Outputs, in a new directory (--out, default <run>/eval; eval1, eval2, ... if taken, nothing is overwritten):
@@ -53,9 +55,12 @@ from echovlm.dataset import open_dataset
 from echovlm.echoprime import load_echoprime_rules
 from echovlm.engine import Engine
 from echovlm.retrieval import nearest_training_studies
+from echovlm.reward import RewardWeights, consensus
 from echovlm.scoring import label_arrays, score_traits
 from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS
 
+# rows decoded together, per device
+DEVICE_DEFAULTS = {"cuda": dict(batch_size=256), "cpu": dict(batch_size=64)}
 PRIOR_KIND = "the embeddings of another test study (seeded shuffle, none keeps its own)"
 
 
@@ -76,6 +81,20 @@ def from_reports(greedy: list[dict], sampled: list[list[dict]] | None) -> dict:
     if sampled is not None:
         system["score"] = {t: np.array([np.mean([d[t] == 1 for d in s]) for s in sampled]) for t in BINARY_TRAITS}
     return system
+
+
+def pick_reports(greedy_text, greedy, sampled_text, sampled, decode: str, weights: RewardWeights | None):
+    """(text, labels) of the report per study that --decode gives: the greedy one, or the consensus of the
+    greedy and the sampled reports (echovlm.reward.consensus, contradictions counted against a candidate)."""
+    if decode == "greedy" or sampled is None:
+        return greedy_text, greedy
+    texts, labels = [], []
+    for g_text, g, s_text, s in zip(greedy_text, greedy, sampled_text, sampled):
+        cand_text, cand = [g_text, *s_text], [g, *s]
+        i = consensus(cand, weights, np.array([len(consistency.contradictions(t)) for t in cand_text]))
+        texts.append(cand_text[i])
+        labels.append(cand[i])
+    return texts, labels
 
 
 def from_neighbours(train: dict[str, np.ndarray], neighbours: np.ndarray) -> dict:
@@ -211,7 +230,7 @@ def write_outputs(args, n, ids, refs, table, summaries, results, names, model_te
     plot_traits(out / "traits.png", table, names)
     samples = ["# Generated reports beside their references", ""]
     for i in range(min(5, n)):
-        samples += [f"## Test study {ids[i]}", "", "Generated (greedy):", "", "```", model_text[i], "```", "",
+        samples += [f"## Test study {ids[i]}", "", f"Generated ({args.decode}):", "", "```", model_text[i], "```", "",
                     "Reference:", "", "```", refs[i], "```", ""]
     atomic_write_text(out / "samples.md", "\n".join(samples))
     atomic_write_json(out / "language.json", language_metrics(
@@ -233,19 +252,27 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of those reports")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
     p.add_argument("--max-tokens", type=int, default=None, help="report tokens (default: fill the sequence length)")
+    p.add_argument("--decode", default="consensus", choices=["consensus", "greedy"],
+                   help="the one report per study that gives the hard labels: the consensus of the greedy and the "
+                        "sampled reports, or the greedy report (consensus needs --samples >= 2)")
+    p.add_argument("--weight-studies", type=int, default=5000,
+                   help="training reports whose labels set the consensus's trait weights (prevalences)")
     p.add_argument("--knn", type=int, default=50, help="neighbours averaged by the kNN baseline")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--echoprime-rules", help="label with EchoPrime's per_section.json (file or checkout) instead of ours")
-    p.add_argument("--batch-size", type=int, default=None, help="rows decoded together (default: 256 on CUDA, 64 else)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows decoded together (default: 256 on CUDA, 64 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output directory (default: <run>/eval); eval1, eval2, ... when it exists")
     args = p.parse_args(argv)
-    for flag in ("max_studies", "knn", "bootstrap", "batch_size", "top_k", "max_tokens"):
+    for flag in ("max_studies", "knn", "bootstrap", "batch_size", "top_k", "max_tokens", "weight_studies"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(SCRIPT, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.samples < 0:
         fail(SCRIPT, f"--samples must be >= 0, got {args.samples}")
+    if args.decode == "consensus" and args.samples < 2:
+        fail(SCRIPT, f"--decode consensus picks among sampled reports and needs --samples >= 2 (got {args.samples}); "
+                     "pass --decode greedy for greedy reports only")
     if not args.temperature > 0 or not np.isfinite(args.temperature):  # nan fails every comparison
         fail(SCRIPT, f"--temperature must be a finite number > 0, got {args.temperature}")
 
@@ -261,7 +288,7 @@ def main(argv=None):
         device = torch.device(autodetect_device(args.device))
     except RuntimeError as e:
         fail(SCRIPT, str(e))
-    args.batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
+    args.batch_size = args.batch_size or DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]["batch_size"]
     try:
         rules = load_echoprime_rules(args.echoprime_rules) if args.echoprime_rules else None
     except (FileNotFoundError, ValueError) as e:
@@ -311,8 +338,18 @@ def main(argv=None):
         train[t][needed] = a
     retrieval_text = [train_reports[i] for i in neighbours[:, 0]]
     names = system_names(args.knn)
-    systems = {"model": from_reports(labels(model_text), None if model_samples is None else [labels(s) for s in model_samples]),
-               "prior": from_reports(labels(prior_text), None if prior_samples is None else [labels(s) for s in prior_samples]),
+    weights = RewardWeights.from_labels(labels(train_reports[:args.weight_studies]))
+    model_sampled = None if model_samples is None else [labels(s) for s in model_samples]
+    prior_sampled = None if prior_samples is None else [labels(s) for s in prior_samples]
+    model_greedy, prior_greedy = labels(model_text), labels(prior_text)
+    decoded = {}  # the hard Core Metric of the model under each decoding, so the choice stays measured
+    for decode in ("greedy", "consensus") if model_sampled is not None else ("greedy",):
+        _, chosen = pick_reports(model_text, model_greedy, model_samples, model_sampled, decode, weights)
+        decoded[decode] = score_traits(reference, chosen, None, args.bootstrap, args.seed)[1]["core_metric_hard"]
+    model_text, model_labels = pick_reports(model_text, model_greedy, model_samples, model_sampled, args.decode, weights)
+    prior_text, prior_labels = pick_reports(prior_text, prior_greedy, prior_samples, prior_sampled, args.decode, weights)
+    print0("model's hard Core Metric by decoding: " + ", ".join(f"{k} {v:.4f}" for k, v in decoded.items()))
+    systems = {"model": from_reports(model_labels, model_sampled), "prior": from_reports(prior_labels, prior_sampled),
                "retrieval": {"predicted": {t: train[t][neighbours[:, 0]] for t in TRAITS}, "score": None},
                names[3]: from_neighbours(train, neighbours)}
     t0 = time.perf_counter()
@@ -334,6 +371,7 @@ def main(argv=None):
                "core_metric_hard": {s: summaries[s]["core_metric_hard"] for s in names}, "knn_system": names[3],
                "contradictions_per_1000": {s: contradictions[s]["per_1000"] for s in CONSISTENCY_SOURCES},
                "contradictions": contradictions, "consistency_reports_per_s": round(consistency_rate, 1),
+               "decode": args.decode, "core_metric_hard_by_decoding": decoded,
                "traits_na": summaries["model"]["traits_na"], "n_studies": n, "samples_k": args.samples,
                "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "knn": args.knn,
                "bootstrap": args.bootstrap, "prior": PRIOR_KIND,

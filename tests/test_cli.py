@@ -85,7 +85,7 @@ def same(said: str, held) -> bool:
 
 # known and reported: the checker fails on these until the default gets a home it can read (strict: a fix that
 # makes one pass fails here too, so this list is emptied as they are fixed)
-KNOWN = {"test_inference": "--batch-size's per-device default (256 CUDA, 64 CPU) is inline in main(), in no table"}
+KNOWN = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN[n])) if n in KNOWN
