@@ -100,6 +100,8 @@ def check_tokens_current(dataset, tok_dir: str | os.PathLike, splits=("train", "
 def read_corpus(path: str | os.PathLike) -> list[str]:
     """Documents of a .txt (one per line, blank lines skipped) or .jsonl ("report" or "text" field) file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass a corpus file: a .txt (one document per line) or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     raw = path.read_bytes()

@@ -117,6 +117,8 @@ def test_read_corpus(tmp_path):
     (tmp_path / "d.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match=".txt"):
         read_corpus(tmp_path / "d.csv")
+    with pytest.raises(ValueError, match="is a directory; pass a corpus file: a .txt"):  # not "does not exist"
+        read_corpus(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- scripts
@@ -351,6 +353,7 @@ def test_tok_train_bad_usage_is_one_line(tmp_path, capsys):
     assert "--vocab-size 100" in tok_refused(capsys, ["--input", "x.jsonl", "--out", str(tmp_path), "--vocab-size", "100"])
     assert "--out is required" in tok_refused(capsys, ["--input", "x.jsonl"])
     assert "does not exist" in tok_refused(capsys, ["--input", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "t")])
+    assert "is a directory; pass a corpus file" in tok_refused(capsys, ["--input", str(tmp_path), "--out", str(tmp_path / "t")])
     (tmp_path / "latin.txt").write_bytes(b"first report\nsecond r\xe9port\n")
     assert "latin.txt line 2 is not UTF-8 text" in tok_refused(
         capsys, ["--input", str(tmp_path / "latin.txt"), "--out", str(tmp_path / "t")])
