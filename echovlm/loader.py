@@ -20,7 +20,6 @@ steps and 8 GPUs with 1 see the same data at every step.
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -112,7 +111,11 @@ def collate(embeddings, token_lists, bos_id: int, eos_id: int, pad_id: int, sequ
 
 
 class DeviceSplit:
-    """One split's report tokens and study embeddings, resident on the device."""
+    """One split's report tokens and study embeddings, resident on the device.
+
+    sequence_len None: the split's longest study (prefix + <|bos|> + report) rounded up to 32, at most
+    MAX_DEFAULT_SEQUENCE_LEN.
+    """
 
     def __init__(self, tokens: np.ndarray, tok_offsets: np.ndarray, emb: np.ndarray, emb_offsets: np.ndarray,
                  bos_id: int, eos_id: int, pad_id: int, sequence_len: int | None, device, name: str = "split",
@@ -142,23 +145,6 @@ class DeviceSplit:
         if n_cut:
             print0(f"{name}: {n_cut} of {len(self)} reports ({n_cut / len(self):.2%}) are longer than sequence_len "
                    f"{sequence_len} and will be truncated")
-
-    @classmethod
-    def from_dataset(cls, dataset, split: str, tokenizer, sequence_len: int | None, device, pad_multiple: int = 1):
-        """`dataset` is an open_dataset(...) result; tokens come from <dataset>/tokenizer/{split}_*.npy.
-
-        sequence_len None: the split's longest study (prefix + <|bos|> + report) rounded up to 32, at most
-        MAX_DEFAULT_SEQUENCE_LEN.
-        """
-        tok_dir = Path(dataset.path) / "tokenizer"
-        paths = [tok_dir / f"{split}_tokens.npy", tok_dir / f"{split}_offsets.npy"]
-        for p in paths:
-            if not p.exists():
-                raise FileNotFoundError(f"{p} is missing: run `python -m scripts.tok_train --dataset {dataset.path}` "
-                                        "to train the tokenizer and encode the reports")
-        emb, emb_offsets = dataset.embedding_block(split)
-        return cls(np.load(paths[0], mmap_mode="r"), np.load(paths[1]), emb, emb_offsets, tokenizer.bos_id,
-                   tokenizer.eos_id, tokenizer.pad_id, sequence_len, device, name=split, pad_multiple=pad_multiple)
 
     def __len__(self) -> int:
         return len(self.tok_len)
