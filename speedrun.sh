@@ -45,7 +45,7 @@ for arg in "$@"; do
     *) echo "speedrun.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
-STEPS=(prepare_dataset tok_train tok_eval base_train base_eval rl_train test_inference generate_report)
+STEPS=(prepare_dataset tok_train tok_eval base_train rl_train test_inference generate_report)
 # settings a run keeps for its whole life (settings.tsv); a resume may leave them unset but not change them
 PINNED=(ECHOVLM_DATA N_STUDIES SEED VOCAB_SIZE DEPTH NUM_STEPS EPOCHS DEVICE_BATCH TOTAL_BATCH RL_STEPS ECHOPRIME_RULES
         EVAL_STUDIES EVAL_SAMPLES)
@@ -270,7 +270,7 @@ if [[ ! -f "$RUN/steps/base_train.done" && -d "$RUN/model" ]]; then
 fi
 
 # the clinical-reward stage fine-tunes the base model into RUN/rl, which the evaluation and the report then use;
-# the base model is evaluated on the same test studies first, so the card shows both
+# the evaluation scores the base model beside it on the same test studies, so the card shows both
 RULES=()
 [[ -n "${ECHOPRIME_RULES:-}" ]] && RULES=(--echoprime-rules "$ECHOPRIME_RULES")
 FINAL="$RUN/model"
@@ -310,8 +310,8 @@ step tok_train       "${PY[@]}" -m scripts.tok_train --dataset "$DATASET" "${VOC
 step tok_eval        "${PY[@]}" -m scripts.tok_eval --dataset "$DATASET" "${VOCAB[@]}" --out "$RUN/tok_eval"
 step base_train      "${TRAIN[@]}" "${TRAIN_ARGS[@]}"
 if [[ "$FINAL" == "$RUN/rl" ]]; then
-  step base_eval     "${PY[@]}" -m scripts.test_inference --run "$RUN/model" --out "$RUN/eval_base" "${EVAL_ARGS[@]}"
   step rl_train      "${RL[@]}" "${RL_ARGS[@]}"
+  EVAL_ARGS+=(--base "$RUN/model")
 fi
 step test_inference  "${PY[@]}" -m scripts.test_inference --run "$FINAL" --out "$RUN/eval" "${EVAL_ARGS[@]}"
 step generate_report "${PY[@]}" -m scripts.generate_report "${GEN_ARGS[@]}"

@@ -69,10 +69,11 @@ def latest(run: Path, name: str) -> Path:
     return candidates[-1] if candidates else run / name
 
 
-def eval_summary_row(label: str, eval_dir: Path) -> str | None:
+def eval_summary_row(label: str, eval_dir: Path, system: str = "model") -> str | None:
     """One evaluation's headline as a table row (see EVAL_SUMMARY_HEADER), None when its metrics.json is missing.
 
-    One row per eval directory, so a second run (a fine-tuned model) can be shown beside the first."""
+    One row per (eval directory, system): the fine-tuned model ("model") and the run it started from ("base",
+    scored by test_inference --base on the same studies) are two rows of one evaluation."""
     metrics = read_json(Path(eval_dir) / "metrics.json")
     if not metrics or "summary" not in metrics:
         return None
@@ -81,9 +82,11 @@ def eval_summary_row(label: str, eval_dir: Path) -> str | None:
     core, hard = s.get("core_metric") or {}, s.get("core_metric_hard") or {}
     r2 = {(t.get("system"), t.get("trait")): t.get("r2") for t in metrics.get("traits") or []}
     rate = s.get("contradictions_per_1000") or {}
-    cells = [label, fmt(core.get("model"), ".3f"), fmt(hard.get("model"), ".3f"), fmt(hard.get("retrieval"), ".3f"),
-             f"{fmt(core.get(knn), '.3f')} ({knn or 'n/a'})", fmt(r2.get(("model", "ejection_fraction")), ".3f")]
-    cells += [fmt(rate.get(k), ".1f") for k in ("model", "prior", "retrieval", "reference")]
+    if system not in core:
+        return None
+    cells = [label, fmt(core.get(system), ".3f"), fmt(hard.get(system), ".3f"), fmt(hard.get("retrieval"), ".3f"),
+             f"{fmt(core.get(knn), '.3f')} ({knn or 'n/a'})", fmt(r2.get((system, "ejection_fraction")), ".3f")]
+    cells += [fmt(rate.get(k), ".1f") for k in (system, "prior", "retrieval", "reference")]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -92,9 +95,10 @@ EVAL_SUMMARY_HEADER = ["| eval | Core Metric (score) | Core Metric (hard) | retr
                        "|---|---|---|---|---|---|---|---|---|---|"]
 
 
-def eval_summary_table(evals: list[tuple[str, Path]]) -> list[str]:
-    """Headline rows of several evaluations side by side (e.g. base and fine-tuned), or a note when none has one."""
-    rows = [r for r in (eval_summary_row(label, d) for label, d in evals) if r]
+def eval_summary_table(evals: list[tuple]) -> list[str]:
+    """Headline rows side by side, one per (label, eval dir[, system]) (e.g. base and fine-tuned), or a note when
+    none has one."""
+    rows = [r for r in (eval_summary_row(*e) for e in evals) if r]
     return EVAL_SUMMARY_HEADER + rows if rows else ["- metrics.json missing (evaluation did not finish)"]
 
 
@@ -169,12 +173,10 @@ def build_card(run: Path, wall_seconds: int | None = None, gpu_hourly_usd: float
         lines += [""]
 
     eval_dir = latest(run, "eval")
-    base_eval = latest(run, "eval_base")
     lines += ["## Clinical evaluation (test split)", ""]
-    evals = [("base", base_eval), ("fine-tuned", eval_dir)] if base_eval.is_dir() else [("model", eval_dir)]
-    lines += eval_summary_table(evals) + [""]
-    if base_eval.is_dir():
-        lines += ["Both rows score the same test studies; the tables below are the fine-tuned model's.", ""]
+    lines += eval_summary_table([("base", eval_dir, "base"), ("fine-tuned" if rl_dir.is_dir() else "model", eval_dir)])
+    lines += ["", "Rows of one evaluation score the same test studies with the same bootstrap resamples; in the tables "
+              "below, \"model\" is the model the run ends with and \"base\" the one it was fine-tuned from.", ""]
     metrics_md = read_text(eval_dir / "metrics.md")
     lines += [metrics_md.strip() if metrics_md else "- metrics.md missing (evaluation did not finish)", ""]
     for png in sorted(eval_dir.glob("*.png")):

@@ -64,13 +64,15 @@ DEVICE_DEFAULTS = {"cuda": dict(batch_size=256), "cpu": dict(batch_size=64)}
 PRIOR_KIND = "the embeddings of another test study (seeded shuffle, none keeps its own)"
 
 
-def system_names(knn: int) -> tuple[str, ...]:
-    """The four systems; the kNN baseline is named by its real k (knn50 with the default --knn)."""
-    return ("model", "prior", "retrieval", f"knn{knn}")
+def system_names(knn: int, base: bool = False) -> tuple[str, ...]:
+    """The systems, the kNN baseline last and named by its real k (knn50 with the default --knn); "base" (the
+    run --base names, e.g. the model before fine-tuning) after the model when given."""
+    return ("model", *(("base",) if base else ()), "prior", "retrieval", f"knn{knn}")
 
 
-# the reports whose contradictions are counted: generated, retrieved and the references (their rate is the floor)
-CONSISTENCY_SOURCES = ("model", "prior", "retrieval", "reference")
+def consistency_sources(systems: tuple[str, ...]) -> tuple[str, ...]:
+    """The reports whose contradictions are counted: generated, retrieved and the references (the floor)."""
+    return (*systems[:-1], "reference")
 
 
 # ------------------------------------------------------------------ each system: hard labels/values and a score
@@ -134,9 +136,9 @@ def fmt_ci(row, metric: str, spec: str = ".3f") -> str:
 
 def markdown_tables(table: pd.DataFrame, summaries: dict, systems: tuple[str, ...], contradictions: dict) -> str:
     rows = {(r.system, r.trait): r._asdict() for r in table.itertuples(index=False)}
-    knn = systems[3]
-    cols = [("model", "auroc"), ("model", "auroc_hard"), ("prior", "auroc"), ("prior", "auroc_hard"),
-            ("retrieval", "auroc_hard"), (knn, "auroc"), (knn, "auroc_hard")]
+    knn, sources = systems[-1], consistency_sources(systems)
+    cols = [(s, m) for s in systems[:-2] for m in ("auroc", "auroc_hard")]
+    cols += [("retrieval", "auroc_hard"), (knn, "auroc"), (knn, "auroc_hard")]
     head = ["trait", "n", "positives", "prevalence"] + [f"{s} {'AUROC' if m == 'auroc' else 'hard'}" for s, m in cols]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for t in BINARY_TRAITS:
@@ -154,16 +156,16 @@ def markdown_tables(table: pd.DataFrame, summaries: dict, systems: tuple[str, ..
     for key, label in (("core_metric", "from the score"), ("core_metric_hard", "from the hard labels")):
         vals = [summaries[s][key] for s in systems]
         lines.append(f"| {label} | " + " | ".join("N/A" if v is None else f"**{v:.3f}**" for v in vals) + " |")
-    lines += ["", "| Contradictions (echovlm.consistency) | " + " | ".join(CONSISTENCY_SOURCES) + " |",
-              "|---" * (len(CONSISTENCY_SOURCES) + 1) + "|",
-              "| per 1,000 reports | " + " | ".join(f"**{contradictions[s]['per_1000']:.1f}**" for s in CONSISTENCY_SOURCES) + " |",
-              "| reports with any | " + " | ".join(f"{contradictions[s]['reports_with_any']}" for s in CONSISTENCY_SOURCES) + " |"]
-    lines += [f"| {rule} | " + " | ".join(str(contradictions[s]["per_rule"][rule]) for s in CONSISTENCY_SOURCES) + " |"
+    lines += ["", "| Contradictions (echovlm.consistency) | " + " | ".join(sources) + " |",
+              "|---" * (len(sources) + 1) + "|",
+              "| per 1,000 reports | " + " | ".join(f"**{contradictions[s]['per_1000']:.1f}**" for s in sources) + " |",
+              "| reports with any | " + " | ".join(f"{contradictions[s]['reports_with_any']}" for s in sources) + " |"]
+    lines += [f"| {rule} | " + " | ".join(str(contradictions[s]["per_rule"][rule]) for s in sources) + " |"
               for rule in consistency.RULES]
     lines += ["", "AUROC: from the continuous score (model/prior: fraction of sampled reports stating the finding; "
               "kNN: mean neighbour label); retrieval has hard labels only. Hard: AUROC of 0/1 labels, i.e. balanced "
               f"accuracy. 95% bootstrap CIs in brackets. Prior: the model given {PRIOR_KIND}. Contradictions: in the "
-              "greedy report (model, prior), the retrieved report and the reference report of each study; the "
+              "decoded report (model, base, prior), the retrieved report and the reference report of each study; the "
               "reference's rate is the floor."]
     return "\n".join(lines) + "\n"
 
@@ -175,7 +177,7 @@ def plot_traits(path: Path, table: pd.DataFrame, systems: tuple[str, ...]):
     import matplotlib.pyplot as plt
 
     ok = table[(table.system == "model") & (table.kind == "binary") & (table.status == "ok")].trait.tolist()
-    series = [("model", "auroc"), ("prior", "auroc"), ("retrieval", "auroc_hard"), (systems[3], "auroc")]
+    series = [(s, "auroc") for s in systems[:-2]] + [("retrieval", "auroc_hard"), (systems[-1], "auroc")]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 0.4 * max(len(ok), 4) + 2), gridspec_kw={"width_ratios": [3, 1]})
     h, y = 0.8 / len(series), np.arange(len(ok))
     for i, (s, m) in enumerate(series):
@@ -246,6 +248,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="training run directory (or a checkpoint .pt file)")
     p.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint to load")
+    p.add_argument("--base", help="another run on the same dataset (e.g. the base model --run was fine-tuned from), "
+                                  "scored beside it as the system \"base\" on the same studies")
     p.add_argument("--dataset", help="prepared dataset (default: the one the model was trained on)")
     p.add_argument("--max-studies", type=int, default=None, help="score the first N test studies (default: all)")
     p.add_argument("--samples", type=int, default=5, help="sampled reports per study for the AUROC score (0: greedy only)")
@@ -254,7 +258,7 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=None, help="report tokens (default: fill the sequence length)")
     p.add_argument("--decode", default="consensus", choices=["consensus", "greedy"],
                    help="the one report per study that gives the hard labels: the consensus of the greedy and the "
-                        "sampled reports, or the greedy report (consensus needs --samples >= 2)")
+                        "sampled reports, or the greedy report (with --samples 0 the greedy report is all there is)")
     p.add_argument("--weight-studies", type=int, default=5000,
                    help="training reports whose labels set the consensus's trait weights (prevalences)")
     p.add_argument("--knn", type=int, default=50, help="neighbours averaged by the kNN baseline")
@@ -270,9 +274,6 @@ def main(argv=None):
             fail(SCRIPT, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.samples < 0:
         fail(SCRIPT, f"--samples must be >= 0, got {args.samples}")
-    if args.decode == "consensus" and args.samples < 2:
-        fail(SCRIPT, f"--decode consensus picks among sampled reports and needs --samples >= 2 (got {args.samples}); "
-                     "pass --decode greedy for greedy reports only")
     if not args.temperature > 0 or not np.isfinite(args.temperature):  # nan fails every comparison
         fail(SCRIPT, f"--temperature must be a finite number > 0, got {args.temperature}")
 
@@ -297,6 +298,15 @@ def main(argv=None):
         model, tokenizer, info = load_model(args.run, device, which=args.which)
     except (FileNotFoundError, ValueError) as e:
         fail(SCRIPT, f"{e} (--run takes a training run directory, with checkpoints/, or a checkpoint .pt file)")
+    base = None
+    if args.base:
+        try:
+            base = load_model(args.base, device, which=args.which)
+        except (FileNotFoundError, ValueError) as e:
+            fail(SCRIPT, f"--base {args.base}: {e}")
+        if base[0].config.embed_dim != model.config.embed_dim:
+            fail(SCRIPT, f"--base {args.base} reads {base[0].config.embed_dim}-d embeddings, --run "
+                         f"{model.config.embed_dim}-d ones: they were not trained on the same dataset")
     dataset = args.dataset or info.get("dataset")
     if not dataset:
         fail(SCRIPT, f"the checkpoint {info['checkpoint']} does not name its dataset; pass --dataset")
@@ -327,6 +337,9 @@ def main(argv=None):
     source[order] = np.roll(order, -1)
     prior_text, prior_samples, c, s = generate_reports(engine, [embeddings[i] for i in source], args, args.seed + 1, "prior")
     gen_n, gen_s = gen_n + c, gen_s + s
+    if base is not None:  # the same studies and seed, so the two models' reports differ only by their weights
+        base_text, base_samples, c, s = generate_reports(Engine(base[0], base[1]), embeddings, args, args.seed, "base")
+        gen_n, gen_s = gen_n + c, gen_s + s
 
     print0(f"retrieval: the {args.knn} nearest training studies of each test study")
     query = torch.stack([torch.from_numpy(e).mean(0) for e in embeddings]).to(device)
@@ -337,7 +350,7 @@ def main(argv=None):
     for t, a in label_arrays(labels([train_reports[i] for i in needed])).items():
         train[t][needed] = a
     retrieval_text = [train_reports[i] for i in neighbours[:, 0]]
-    names = system_names(args.knn)
+    names = system_names(args.knn, base is not None)
     weights = RewardWeights.from_labels(labels(train_reports[:args.weight_studies]))
     model_sampled = None if model_samples is None else [labels(s) for s in model_samples]
     prior_sampled = None if prior_samples is None else [labels(s) for s in prior_samples]
@@ -348,15 +361,22 @@ def main(argv=None):
         decoded[decode] = score_traits(reference, chosen, None, args.bootstrap, args.seed)[1]["core_metric_hard"]
     model_text, model_labels = pick_reports(model_text, model_greedy, model_samples, model_sampled, args.decode, weights)
     prior_text, prior_labels = pick_reports(prior_text, prior_greedy, prior_samples, prior_sampled, args.decode, weights)
+    if base is not None:
+        base_sampled = None if base_samples is None else [labels(s) for s in base_samples]
+        base_text, base_labels = pick_reports(base_text, labels(base_text), base_samples, base_sampled, args.decode,
+                                              weights)
     print0("model's hard Core Metric by decoding: " + ", ".join(f"{k} {v:.4f}" for k, v in decoded.items()))
     systems = {"model": from_reports(model_labels, model_sampled), "prior": from_reports(prior_labels, prior_sampled),
                "retrieval": {"predicted": {t: train[t][neighbours[:, 0]] for t in TRAITS}, "score": None},
-               names[3]: from_neighbours(train, neighbours)}
+               names[-1]: from_neighbours(train, neighbours)}
+    if base is not None:
+        systems["base"] = from_reports(base_labels, base_sampled)
     t0 = time.perf_counter()
-    checked = {"model": model_text, "prior": prior_text, "retrieval": retrieval_text, "reference": refs}
+    checked = {"model": model_text, "prior": prior_text, "retrieval": retrieval_text, "reference": refs,
+               **({"base": base_text} if base is not None else {})}
     contradictions = {name: consistency.count(texts) for name, texts in checked.items()}
-    consistency_rate = 4 * n / (time.perf_counter() - t0)
-    print0(f"consistency: {4 * n} reports checked at {consistency_rate:.0f} reports/s")
+    consistency_rate = len(checked) * n / (time.perf_counter() - t0)
+    print0(f"consistency: {len(checked) * n} reports checked at {consistency_rate:.0f} reports/s")
 
     print0(f"scoring: {args.bootstrap} bootstrap resamples")
     tables, summaries = [], {}
@@ -368,8 +388,8 @@ def main(argv=None):
     table = table[["system"] + [c for c in table.columns if c != "system"]]
     elapsed = time.perf_counter() - t_start
     summary = {"core_metric": {s: summaries[s]["core_metric"] for s in names},
-               "core_metric_hard": {s: summaries[s]["core_metric_hard"] for s in names}, "knn_system": names[3],
-               "contradictions_per_1000": {s: contradictions[s]["per_1000"] for s in CONSISTENCY_SOURCES},
+               "core_metric_hard": {s: summaries[s]["core_metric_hard"] for s in names}, "knn_system": names[-1],
+               "contradictions_per_1000": {s: contradictions[s]["per_1000"] for s in consistency_sources(names)},
                "contradictions": contradictions, "consistency_reports_per_s": round(consistency_rate, 1),
                "decode": args.decode, "core_metric_hard_by_decoding": decoded,
                "traits_na": summaries["model"]["traits_na"], "n_studies": n, "samples_k": args.samples,
@@ -378,7 +398,8 @@ def main(argv=None):
                "rules": rules.source if rules else "echovlm.clinical", "elapsed_s": round(elapsed, 1),
                "generated_reports": gen_n, "generation_s": round(gen_s, 1),
                "generation_reports_per_s": round(gen_n / gen_s, 2), "checkpoint": info["checkpoint"],
-               "step": info.get("step"), "dataset": str(dataset), "device": str(device)}
+               "step": info.get("step"), "dataset": str(dataset), "device": str(device),
+               "base_checkpoint": base[2]["checkpoint"] if base is not None else None}
     results = {"summary": summary, "traits": json.loads(table.to_json(orient="records"))}
 
     try:
