@@ -20,6 +20,7 @@ numpy/pandas reconstruction, so anything else (os.system, eval, arbitrary classe
 """
 
 import json
+import math
 import pickle
 import re
 from contextlib import contextmanager
@@ -341,7 +342,11 @@ def load_echoprime_rules(path) -> PhraseRules:
     """Read EchoPrime's assets/per_section.json (the file, or the checkout that holds it) from your machine.
 
     The file stays where it is: its phrases are EchoPrime's and are never copied into this repository.
-    Entries for traits echovlm does not score are skipped and listed in .ignored.
+    Entries for traits echovlm does not score are skipped and listed in .ignored. A file that cannot label
+    anything echovlm scores (no such trait, a malformed entry, a range that is not two finite numbers) is
+    refused with a one-line ValueError (FileNotFoundError for a missing file), so every caller (rl_train,
+    test_inference, speedrun.sh's check before its first step) stops before any work instead of training or
+    scoring on labels that are all None.
     """
     path = Path(path)
     if path.is_dir():
@@ -375,9 +380,21 @@ def load_echoprime_rules(path) -> PhraseRules:
             continue
         if not all("<#>" in s for s in sources):
             raise ValueError(f"{where}: every regression label source needs a '<#>' where the number goes")
+        if not all(s.split("<#>")[0].strip() for s in sources):
+            # with nothing to anchor it, the rule would read the first number anywhere in the report
+            raise ValueError(f"{where}: every regression label source needs text before its '<#>'")
         value_range = entry.get("range", [VALUES[trait].low, VALUES[trait].high])
+        # json reads NaN and Infinity, and a bool is an int to Python: [NaN, 100] made every value None
         if (not isinstance(value_range, list) or len(value_range) != 2
-                or not all(isinstance(x, (int, float)) for x in value_range) or value_range[0] >= value_range[1]):
-            raise ValueError(f"{where}: 'range' must be [low, high] with low < high, got {value_range!r}")
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                           for x in value_range) or value_range[0] >= value_range[1]):
+            raise ValueError(f"{where}: 'range' must be [low, high], two finite numbers with low < high, got "
+                             f"{json.dumps(value_range)}")
         regression[trait] = (sources, float(value_range[0]), float(value_range[1]))
+    if not binary and not regression:
+        # labelling with such a file leaves every trait None: the reward would be the contradiction penalty alone
+        # and the evaluation would score nothing
+        listed = f" (it lists {', '.join(map(repr, ignored[:5]))}{', ...' if len(ignored) > 5 else ''})" if ignored else ""
+        raise ValueError(f"EchoPrime rules: {path} defines none of the traits echovlm scores{listed}; pass EchoPrime's "
+                         f"assets/per_section.json")
     return PhraseRules(binary, regression, ignored, str(path))

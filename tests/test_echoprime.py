@@ -219,3 +219,35 @@ def test_allow_list_is_data_only():
     assert modules <= {"builtins", "collections"} | {m for m in modules if m.split(".")[0] in ("numpy", "pandas")}
     names = {n for _, n in echoprime.ALLOWED_GLOBALS}
     assert not names & {"eval", "exec", "getattr", "system", "__import__", "open", "compile", "apply"}
+
+
+# ------------------------------------------------------------------ the phrase rules file: refused unless usable
+
+EF_RULE = {"mode": "regression", "label_sources": ["EF <#>%"]}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{}", "none of the traits echovlm scores"),
+    (json.dumps({"not_a_trait": {"mode": "binary", "label_sources": ["x"]}}), "none of the traits echovlm scores"),
+    # json reads NaN and Infinity, and a bool is an int to Python: each made every LVEF None (or 1..100)
+    ('{"ejection_fraction": {"mode": "regression", "label_sources": ["EF <#>%"], "range": [NaN, 100]}}', "range"),
+    ('{"ejection_fraction": {"mode": "regression", "label_sources": ["EF <#>%"], "range": [0, Infinity]}}', "range"),
+    (json.dumps({"ejection_fraction": {**EF_RULE, "range": [True, 100]}}), "range"),
+    (json.dumps({"ejection_fraction": {**EF_RULE, "range": ["0", "100"]}}), "range"),
+    # nothing before <#>: "the first number anywhere in the report" is no rule
+    (json.dumps({"ejection_fraction": {"mode": "regression", "label_sources": [" <#>%"]}}), "text before"),
+])
+def test_unusable_rules_are_refused_with_one_line(tmp_path, text, message):
+    path = tmp_path / "per_section.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        echoprime.load_echoprime_rules(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_rules_with_one_usable_trait_and_unknown_ones_are_accepted(tmp_path):
+    path = tmp_path / "per_section.json"
+    path.write_text(json.dumps({"ejection_fraction": {**EF_RULE, "range": [0, 100.0]},
+                                "not_a_trait": {"mode": "binary", "label_sources": ["x"]}}))
+    rules = echoprime.load_echoprime_rules(path)
+    assert list(rules.regression) == ["ejection_fraction"] and rules.ignored == ["not_a_trait"]
