@@ -9,7 +9,9 @@ torch.load(weights_only=True): opening a checkpoint someone sent you cannot run 
     step           optimisation steps done
     loader         the training loader's position (epoch, batch in epoch)
     rng            torch / cuda / numpy / python RNG states, as tensors and lists
-    meta           dataset path, tokenizer dir, val bpb at this step, best val bpb so far
+    meta           dataset path, tokenizer dir, val bpb at this step, best val bpb so far, the label rules
+    findings       the findings head (echovlm.findings: its sizes, weights and decision thresholds), absent in a
+                   run made before the head existed or trained with --no-findings
 
 Training writes run_dir/checkpoints/last.pt (every --save-every steps and at the end) and best.pt (lowest
 val bpb), each atomically (a crash mid-save leaves the previous file intact).
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from echovlm.common import atomic_torch_save
+from echovlm.findings import FindingsHead
 from echovlm.gpt import GPT, GPTConfig
 from echovlm.tokenizer import Tokenizer
 
@@ -53,8 +56,10 @@ def set_rng_state(state: dict):
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(path, model: GPT, optimizers, step: int, loader_state: dict, meta: dict):
+def save_checkpoint(path, model: GPT, optimizers, step: int, loader_state: dict, meta: dict,
+                    findings: FindingsHead | None = None):
     atomic_torch_save({
+        **({"findings": findings.to_checkpoint()} if findings is not None else {}),
         "format_version": FORMAT_VERSION,
         "model": model.state_dict(),
         "config": asdict(model.config),
@@ -132,7 +137,9 @@ def load_model(path, device, which: str = "best"):
     """(model in eval mode on device, its tokenizer, info) from a run directory or a .pt file.
 
     info: config (dict), step, dataset (path of the prepared dataset it was trained on), tokenizer_dir,
-    val_bpb (at that checkpoint), best_val_bpb, checkpoint (the file read).
+    val_bpb (at that checkpoint), best_val_bpb, checkpoint (the file read), findings (the FindingsHead on
+    device, or None for a model without one: it writes free reports only), rules (the label rules it was
+    trained with: None for echovlm.clinical's, else the EchoPrime rules file), rules_key.
     """
     file = resolve(path, which)
     ckpt = read_checkpoint(file, map_location="cpu")
@@ -149,5 +156,11 @@ def load_model(path, device, which: str = "best"):
                          f"{model.config.vocab_size}: the tokenizer was retrained after this model; retrain the model")
     info = {"config": dict(ckpt["config"]), "step": ckpt.get("step"), "dataset": meta.get("dataset"),
             "tokenizer_dir": str(tok_dir), "val_bpb": meta.get("val_bpb"), "best_val_bpb": meta.get("best_val_bpb"),
-            "checkpoint": str(file)}
+            "checkpoint": str(file), "rules": meta.get("rules"), "rules_key": meta.get("rules_key"),
+            "findings": None}
+    if "findings" in ckpt:
+        info["findings"] = FindingsHead.from_checkpoint(ckpt["findings"], file).to(device)
+    if (info["findings"] is None) != (model.config.n_prompt == 0):
+        raise ValueError(f"{file}: a model with a findings prompt needs its findings head and one without has none; "
+                         "the file was edited or damaged, use the run's other checkpoint or retrain")
     return model, tokenizer, info

@@ -1,7 +1,9 @@
 """Batched, KV-cached report generation from study embeddings.
 
 One batch of studies is prefilled in a single forward pass, each row laid out as in training:
-[e_1 .. e_k, <|bos|>] (prefix_mask True on the e's, pad_id in ids there). The last logits give each row's
+[e_1 .. e_k, f_1 .. f_F, <|bos|>] (prefix_mask True on the e's, prompt_mask on the F findings prompt
+positions of a model that has them, pad_id in ids there). Without prompts such a model is given "unknown" for
+every finding: a free report, written from the embeddings alone. The last logits give each row's
 first report token; after that every step feeds one token per row and reads the cached keys/values of
 everything before it, so a report costs one prefill plus one cheap step per token.
 
@@ -26,6 +28,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from echovlm.gpt import UNKNOWN
 
 
 class KVCache:
@@ -104,10 +108,11 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, embeddings, max_tokens: int | None = None, temperature: float = 0.0, top_k: int | None = None,
-                 num_samples: int = 1, seed: int = 0, batch_size: int = 64, progress: bool = False):
+                 num_samples: int = 1, seed: int = 0, batch_size: int = 64, progress: bool = False, prompts=None):
         """Report token ids (no bos/eos) for each study: result[study][sample] is a list of ints.
 
-        embeddings: one (k, embed_dim) array or tensor per study. max_tokens: report tokens per sample, at most
+        embeddings: one (k, embed_dim) array or tensor per study. prompts: (codes (N, F), values (N, n_values))
+        of echovlm.findings (decide() or prompt_codes()) for a model with a findings prompt; None: free reports. max_tokens: report tokens per sample, at most
         (default) what fits in the model's sequence_len after the k+1 prefix positions. batch_size: rows decoded
         together; a batch holds batch_size // num_samples studies (at least one), each decoded num_samples times.
         """
@@ -118,12 +123,14 @@ class Engine:
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
         studies = self._check(embeddings)
+        codes, values = self._prompts(prompts, len(studies))
+        n_prompt = self.model.config.n_prompt
         seq_len = self.model.config.sequence_len
         by_k: dict[int, list[int]] = {}
         for i, t in enumerate(studies):
             by_k.setdefault(t.shape[0], []).append(i)
         for k in by_k:
-            room = seq_len - (k + 1)
+            room = seq_len - (k + n_prompt + 1)
             if room < 1 or (max_tokens is not None and max_tokens > room):
                 raise ValueError(f"studies with {k} embeddings leave room for {max(room, 0)} report tokens in the "
                                  f"model's sequence_len {seq_len}, but max_tokens={max_tokens} was asked for; "
@@ -135,11 +142,11 @@ class Engine:
         bar = tqdm(total=len(studies), desc="generate", unit="study", disable=not progress)
         for k in sorted(by_k):
             idx = by_k[k]
-            limit = max_tokens if max_tokens is not None else seq_len - (k + 1)
+            limit = max_tokens if max_tokens is not None else seq_len - (k + n_prompt + 1)
             for start in range(0, len(idx), per_batch):
                 chunk = idx[start:start + per_batch]
                 rows = self._generate_batch([studies[i] for i in chunk], limit, temperature, top_k, num_samples,
-                                            generator)
+                                            generator, codes[chunk], values[chunk])
                 for j, i in enumerate(chunk):
                     results[i] = rows[j * num_samples:(j + 1) * num_samples]
                 bar.update(len(chunk))
@@ -150,19 +157,40 @@ class Engine:
         """Same as generate, decoded: result[study][sample] is the report text."""
         return [[self.tokenizer.decode(ids) for ids in samples] for samples in self.generate(embeddings, **kwargs)]
 
+    def _prompts(self, prompts, n: int):
+        """(codes (n, F), values (n, n_values)) tensors on the device: the given prompts, checked, or all unknown."""
+        c = self.model.config
+        if prompts is None:
+            codes = torch.full((n, c.n_prompt), UNKNOWN, dtype=torch.long)
+            values = torch.full((n, c.n_values), float("nan"))
+        else:
+            if not c.n_prompt:
+                raise ValueError("this model has no findings prompt (it was trained before the findings head, or with "
+                                 "--no-findings): it writes free reports only; retrain it to prompt findings")
+            codes, values = torch.as_tensor(np.asarray(prompts[0])).long(), torch.as_tensor(np.asarray(prompts[1])).float()
+            if codes.shape != (n, c.n_prompt) or values.shape != (n, c.n_values):
+                raise ValueError(f"prompts must be codes ({n}, {c.n_prompt}) and values ({n}, {c.n_values}), got "
+                                 f"{tuple(codes.shape)} and {tuple(values.shape)}")
+        return codes.to(self.device), values.to(self.device)
+
     def _generate_batch(self, studies: list[torch.Tensor], max_tokens: int, temperature: float, top_k: int | None,
-                        num_samples: int, generator) -> list[list[int]]:
+                        num_samples: int, generator, codes: torch.Tensor, values: torch.Tensor) -> list[list[int]]:
         tok, dev = self.tokenizer, self.device
-        B, k = len(studies), studies[0].shape[0]
-        ids = torch.full((B, k + 1), tok.pad_id, dtype=torch.long, device=dev)
-        ids[:, k] = tok.bos_id
-        prefix_mask = torch.zeros((B, k + 1), dtype=torch.bool, device=dev)
+        B, k, F = len(studies), studies[0].shape[0], self.model.config.n_prompt
+        ids = torch.full((B, k + F + 1), tok.pad_id, dtype=torch.long, device=dev)
+        ids[:, k + F] = tok.bos_id
+        prefix_mask = torch.zeros((B, k + F + 1), dtype=torch.bool, device=dev)
         prefix_mask[:, :k] = True
+        prompt = {}
+        if F:
+            prompt_mask = torch.zeros_like(prefix_mask)
+            prompt_mask[:, k:k + F] = True
+            prompt = dict(prompt_codes=codes, prompt_values=values, prompt_mask=prompt_mask)
         prefix = torch.cat(studies).to(dev, dtype=next(self.model.parameters()).dtype)
-        # the last sampled token is never fed back, so the cache needs k+1 + max_tokens-1 positions
-        cache = KVCache(self.model.config.n_layer, k + max_tokens)
+        # the last sampled token is never fed back, so the cache needs k+F+1 + max_tokens-1 positions
+        cache = KVCache(self.model.config.n_layer, k + F + max_tokens)
         with self.autocast:
-            logits = self.model(ids, prefix, prefix_mask, kv_cache=cache)[:, -1]
+            logits = self.model(ids, prefix, prefix_mask, kv_cache=cache, **prompt)[:, -1]
         cache.expand(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
 

@@ -14,9 +14,18 @@ embedding) maps each to width, and they are scattered into the sequence where `p
 Per study the sequence is [e_1 .. e_k, <|bos|>, report tokens, <|eos|>, <|pad|> ...]: right padding
 after causal attention never influences a real position, so batches need no attention mask.
 
+Findings prompt (echovlm/findings.py decides the findings; a model with n_findings = n_values = 0 has none):
+after the study rows come one position per scored trait, [e_1 .. e_k, f_1 .. f_F, <|bos|>, report ...].
+A binary trait's position holds a learned vector for its state (absent, present, unknown); a continuous one
+(LVEF, PASP) a learned "stated" or "unknown" vector plus its value's embedding: a learned vector per half
+point (exact, for the values training saw often) plus a projection of the value's phase at periods 1, 10,
+100 and 1000 (each decimal digit is one angle, so unseen values still read as their digits). Training
+prompts with each reference report's own labels and drops the whole prompt (all unknown) for a fraction of
+reports, so the same model also writes without one ("free" reports).
+
 Targets are next tokens: the <|bos|> position predicts the first report word, the last report token
-predicts <|eos|>; prefix and padding positions carry -1 (ignored). The prefix is never predicted: it is
-a continuous input, not a token.
+predicts <|eos|>; prefix, prompt and padding positions carry -1 (ignored). The prefix is never predicted: it
+is a continuous input, not a token.
 """
 
 import math
@@ -31,6 +40,11 @@ from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
 
 LOGIT_SOFTCAP = 15.0
 HEAD_DIM = 128
+# findings prompt: the state codes of a trait's position, and the value range given a vector per half point
+ABSENT, PRESENT, UNKNOWN = 0, 1, 2
+STATED = 0  # a continuous trait's code when its value is given
+VALUE_MAX = 200.0
+VALUE_PERIODS = (1.0, 10.0, 100.0, 1000.0)
 
 
 @dataclass
@@ -39,6 +53,8 @@ class GPTConfig:
     vocab_size: int = DEFAULT_VOCAB_SIZE
     embed_dim: int = 512
     sequence_len: int = 256
+    n_findings: int = 0  # binary traits in the findings prompt (0: no prompt, a model made before it)
+    n_values: int = 0  # continuous traits in it
 
     # derived sizes are properties, not fields, so asdict(config) holds only what rebuilds the model
     @property
@@ -56,6 +72,10 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def n_prompt(self) -> int:
+        return self.n_findings + self.n_values
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +156,10 @@ class GPT(nn.Module):
         width = config.n_embd
         self.wte = nn.Embedding(config.vocab_size, width)
         self.projector = nn.Linear(config.embed_dim, width, bias=False)
+        if config.n_prompt:
+            self.prompt_emb = nn.Embedding(3 * config.n_prompt, width)  # (trait, state) -> vector
+            self.value_emb = nn.Embedding(int(2 * VALUE_MAX) + 1, width)  # half point -> vector
+            self.value_proj = nn.Linear(2 * len(VALUE_PERIODS), width, bias=False)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.lm_head = nn.Linear(width, config.vocab_size, bias=False)
         cos, sin = self._rotary(config.sequence_len, config.head_dim)
@@ -155,6 +179,10 @@ class GPT(nn.Module):
         width = self.config.n_embd
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.normal_(self.projector.weight, std=self.config.embed_dim ** -0.5)
+        if self.config.n_prompt:
+            nn.init.normal_(self.prompt_emb.weight, std=1.0)
+            nn.init.normal_(self.value_emb.weight, std=1.0)
+            nn.init.normal_(self.value_proj.weight, std=(2 * len(VALUE_PERIODS)) ** -0.5)
         # a near-zero output layer starts the model at a uniform next-token distribution
         nn.init.normal_(self.lm_head.weight, std=0.001)
         bound = math.sqrt(3.0) * width ** -0.5  # uniform with std 1/sqrt(fan_in)
@@ -172,12 +200,13 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward) in sequences of context_len positions (default: the
         full sequence_len).
 
-        6 per parameter per token for the matmuls (token embedding lookups excluded: they are gathers),
+        6 per parameter per token for the matmuls (embedding lookups excluded: they are gathers),
         plus 12 * layers * width * T for the attention scores and weighted sums (Chinchilla/nanochat). Length-
         grouped batches are shorter than sequence_len, so MFU passes the batches' real length as T.
         """
         c = self.config
-        matmul_params = self.num_params() - self.wte.weight.numel()
+        gathers = [self.wte] + ([self.prompt_emb, self.value_emb] if c.n_prompt else [])
+        matmul_params = self.num_params() - sum(e.weight.numel() for e in gathers)
         return 6.0 * matmul_params + 12.0 * c.n_layer * c.n_embd * (context_len or c.sequence_len)
 
     def setup_optimizers(self, matrix_lr=0.02, embedding_lr=0.2, projector_lr=0.02, unembedding_lr=0.004,
@@ -196,6 +225,9 @@ class GPT(nn.Module):
             dict(params=[self.projector.weight], lr=projector_lr * scale),
             dict(params=[self.lm_head.weight], lr=unembedding_lr * scale),
         ]
+        if self.config.n_prompt:  # the prompt's vectors are embeddings like the tokens'; its projection a projector
+            adam_groups += [dict(params=[self.prompt_emb.weight, self.value_emb.weight], lr=embedding_lr * scale),
+                            dict(params=[self.value_proj.weight], lr=projector_lr * scale)]
         adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, weight_decay=weight_decay)
         ns_dtype = torch.bfloat16 if self.lm_head.weight.is_cuda else torch.float32
         muon = Muon(self.blocks.parameters(), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, ns_dtype=ns_dtype)
@@ -205,9 +237,25 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]
         return optimizers
 
-    def forward(self, ids, prefix, prefix_mask, targets=None, kv_cache=None, loss_reduction="mean"):
+    def embed_prompt(self, codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """(B, F, width) prompt vectors from codes (B, F) long (ABSENT/PRESENT/UNKNOWN; STATED/UNKNOWN for the
+        continuous traits, which come last) and values (B, n_values) float (NaN where unknown)."""
+        c = self.config
+        slot = torch.arange(c.n_prompt, device=codes.device)
+        e = self.prompt_emb(codes.long() + 3 * slot)
+        known = ~torch.isnan(values)
+        v = torch.nan_to_num(values.float()).clamp(0.0, VALUE_MAX)
+        angles = 2 * math.pi * v[..., None] / torch.tensor(VALUE_PERIODS, device=v.device)
+        num = self.value_emb((2 * v).round().long()) + self.value_proj(torch.cat([angles.cos(), angles.sin()], -1))
+        e = torch.cat([e[:, :c.n_findings], e[:, c.n_findings:] + num * known[..., None]], dim=1)
+        return norm(e)
+
+    def forward(self, ids, prefix, prefix_mask, targets=None, kv_cache=None, loss_reduction="mean",
+                prompt_codes=None, prompt_values=None, prompt_mask=None):
         """ids (B, T) long, pad_id at prefix slots; prefix (P, embed_dim): the batch's study embeddings in
         row-major order of prefix_mask's True entries (P == prefix_mask.sum()); targets (B, T), -1 = ignore.
+        A model with a findings prompt also takes prompt_codes (B, F), prompt_values (B, n_values) and
+        prompt_mask (B, T), True at each row's F prompt positions (None: a step that feeds no prompt).
 
         Returns the loss (mean over non-ignored targets, or their sum with loss_reduction="sum") when
         targets are given, else float32 logits (B, T, V). With a kv_cache, T counts only the new positions.
@@ -225,6 +273,9 @@ class GPT(nn.Module):
             p = norm(self.projector(prefix.to(self.projector.weight.dtype)))
             # masked_scatter fills the True slots in row-major order with consecutive rows of p
             x = x.masked_scatter(prefix_mask.unsqueeze(-1), p.to(x.dtype))
+        if prompt_mask is not None and self.config.n_prompt:
+            e = self.embed_prompt(prompt_codes, prompt_values)
+            x = x.masked_scatter(prompt_mask.unsqueeze(-1), e.reshape(-1, e.shape[-1]).to(x.dtype))
         x = norm(x)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)

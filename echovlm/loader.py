@@ -4,11 +4,14 @@ A split is small next to an accelerator (EchoPrime: ~1.2M reports x ~200 tokens,
 embeddings, ~2.5 GB), so it is copied to the device once and every batch is a few index gathers there:
 no worker processes, no host-to-device copy per step.
 
-Per study the sequence is [e_1 .. e_k, <|bos|>, report tokens] with next-token targets
-[-1 x k, report tokens, <|eos|>] (the prefix predicts nothing; <|bos|> predicts the first report token;
-<|eos|> is only ever a target, so it needs no input slot). Rows are right padded with <|pad|> / -1. A study
-longer than sequence_len keeps its first sequence_len - k - 1 report tokens (and then predicts the next
-report token, not <|eos|>); how many reports this cuts is printed once per split.
+Per study the sequence is [e_1 .. e_k, f_1 .. f_F, <|bos|>, report tokens] with next-token targets
+[-1 x (k + F), report tokens, <|eos|>] (the prefix and the findings prompt predict nothing; <|bos|> predicts
+the first report token; <|eos|> is only ever a target, so it needs no input slot). F is 0 for a model without
+a findings prompt; with one, the prompt is the study's own reference labels (echovlm.findings.prompt_codes),
+dropped to all-unknown for a seeded fraction of the training studies (--prompt-dropout) so the model also
+learns to write without it. Rows are right padded with <|pad|> / -1. A study longer than sequence_len keeps
+its first sequence_len - k - F - 1 report tokens (and then predicts the next report token, not <|eos|>); how
+many reports this cuts is printed once per split.
 
 Order: each epoch is a seeded permutation of the split. So that little compute goes to padding, the
 permutation is cut into windows of `group_batches` global batches, each window is sorted by length and cut
@@ -25,6 +28,8 @@ import numpy as np
 import torch
 
 from echovlm.common import print0
+from echovlm.findings import label_prompts
+from echovlm.gpt import UNKNOWN
 
 MAX_DEFAULT_SEQUENCE_LEN = 1024
 
@@ -34,30 +39,42 @@ class Batch:
     ids: torch.Tensor  # (B, T) long: pad_id at prefix and padding slots
     prefix: torch.Tensor  # (P, D) float16: the batch's study embeddings in row-major order of prefix_mask
     prefix_mask: torch.Tensor  # (B, T) bool
+    prompt_codes: torch.Tensor | None  # (B, F) long findings prompt codes (None: the model has no prompt)
+    prompt_values: torch.Tensor | None  # (B, n_values) float, NaN = unknown
+    prompt_mask: torch.Tensor | None  # (B, T) bool, True at the F prompt positions
     targets: torch.Tensor  # (B, T) long, -1 = ignored
     num_targets: int  # report tokens + <|eos|> predicted: the "real tokens" of throughput and loss
     num_positions: int  # B * T: what the model computes
     num_padding: int  # positions that hold nothing (right padding)
     num_truncated: int  # reports cut to fit sequence_len
 
+    @property
+    def prompt(self) -> dict:
+        """The findings prompt as GPT.forward's keyword arguments (all None for a model without one)."""
+        return dict(prompt_codes=self.prompt_codes, prompt_values=self.prompt_values, prompt_mask=self.prompt_mask)
+
 
 def build_batch(tokens: torch.Tensor, tok_start: np.ndarray, tok_len: np.ndarray, emb: torch.Tensor,
                 emb_start: np.ndarray, emb_len: np.ndarray, bos_id: int, eos_id: int, pad_id: int,
-                sequence_len: int, pad_multiple: int = 1) -> Batch:
+                sequence_len: int, pad_multiple: int = 1, codes: torch.Tensor | None = None,
+                values: torch.Tensor | None = None) -> Batch:
     """Gather a batch on the device of `tokens`/`emb` for studies given by their token and embedding spans.
 
     tokens: flat report tokens (any int dtype) on the device; emb: (M, D) embedding rows on the device;
     tok_start/tok_len/emb_start/emb_len: one int per study (host numpy). The row lengths are known on the
-    host, so the batch shape never waits on the device.
+    host, so the batch shape never waits on the device. codes (B, F) / values (B, n_values): the studies'
+    findings prompts on the device, None for a model without one.
     """
     device = tokens.device
     B = len(tok_len)
+    F = 0 if codes is None else codes.shape[1]
     k = emb_len.astype(np.int64)
     if (k < 1).any():
         raise ValueError("every study needs at least one embedding")
-    if (k + 2 > sequence_len).any():
-        raise ValueError(f"a study has {int(k.max())} embeddings: with <|bos|> and one report token that does not "
-                         f"fit in sequence_len {sequence_len}")
+    if (k + F + 2 > sequence_len).any():
+        raise ValueError(f"a study has {int(k.max())} embeddings: with {F} prompt positions, <|bos|> and one report "
+                         f"token that does not fit in sequence_len {sequence_len}")
+    k = k + F  # from here on k counts every position before <|bos|>
     n = np.minimum(tok_len.astype(np.int64), sequence_len - k - 1)  # report tokens given as input
     rows = k + 1 + n
     T = int(rows.max())
@@ -74,7 +91,8 @@ def build_batch(tokens: torch.Tensor, tok_start: np.ndarray, tok_len: np.ndarray
     tok_vals = tokens[gather].long() if tokens.numel() else torch.zeros_like(gather)
     ids = torch.where(is_tok, tok_vals, torch.full_like(pos, pad_id).expand(B, T))
     ids = torch.where(pos == k_d, torch.full_like(ids, bos_id), ids)
-    prefix_mask = pos < k_d
+    prefix_mask = pos < k_d - F
+    prompt_mask = (pos >= k_d - F) & (pos < k_d) if F else None
 
     # the target at input position p is report token rel+1, or <|eos|> right after the last one
     rel_t = rel + 1
@@ -84,16 +102,18 @@ def build_batch(tokens: torch.Tensor, tok_start: np.ndarray, tok_len: np.ndarray
     targets = torch.where(rel_t < full_d, tgt_vals, torch.full_like(tgt_vals, eos_id))
     targets = torch.where(predicts, targets, torch.full_like(targets, -1))
 
-    emb_idx = np.concatenate([np.arange(s, s + c) for s, c in zip(emb_start, k)])
+    emb_idx = np.concatenate([np.arange(s, s + c) for s, c in zip(emb_start, k - F)])
     prefix = emb[torch.from_numpy(emb_idx).to(device, non_blocking=True)]
-    return Batch(ids=ids, prefix=prefix, prefix_mask=prefix_mask, targets=targets,
+    return Batch(ids=ids, prefix=prefix, prefix_mask=prefix_mask, prompt_codes=codes, prompt_values=values,
+                 prompt_mask=prompt_mask, targets=targets,
                  num_targets=int((n + 1).sum()), num_positions=B * T, num_padding=int(B * T - rows.sum()),
                  num_truncated=int((n < tok_len).sum()))
 
 
 def collate(embeddings, token_lists, bos_id: int, eos_id: int, pad_id: int, sequence_len: int, device,
-            pad_multiple: int = 1) -> Batch:
-    """A batch from in-memory studies: one (k, D) embedding array and one list of report token ids each."""
+            pad_multiple: int = 1, prompts: tuple[np.ndarray, np.ndarray] | None = None) -> Batch:
+    """A batch from in-memory studies: one (k, D) embedding array and one list of report token ids each, and
+    for a model with a findings prompt their (codes (B, F), values (B, n_values)) arrays."""
     if len(embeddings) != len(token_lists) or not embeddings:
         raise ValueError(f"collate needs as many token lists as studies (>= 1), got {len(embeddings)} and "
                          f"{len(token_lists)}")
@@ -105,21 +125,24 @@ def collate(embeddings, token_lists, bos_id: int, eos_id: int, pad_id: int, sequ
     flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in token_lists]) if tok_len.sum() else np.zeros(0, np.int64)
     tokens = torch.from_numpy(flat).to(device)
     emb = torch.from_numpy(np.concatenate(embs)).to(device)
+    codes, values = (None, None) if prompts is None else (torch.as_tensor(prompts[0]).long().to(device),
+                                                          torch.as_tensor(prompts[1]).float().to(device))
     return build_batch(tokens, np.concatenate([[0], np.cumsum(tok_len)[:-1]]), tok_len, emb,
                        np.concatenate([[0], np.cumsum(emb_len)[:-1]]), emb_len, bos_id, eos_id, pad_id,
-                       sequence_len, pad_multiple)
+                       sequence_len, pad_multiple, codes, values)
 
 
 class DeviceSplit:
     """One split's report tokens and study embeddings, resident on the device.
 
-    sequence_len None: the split's longest study (prefix + <|bos|> + report) rounded up to 32, at most
-    MAX_DEFAULT_SEQUENCE_LEN.
+    sequence_len None: the split's longest study (prefix + prompt + <|bos|> + report) rounded up to 32, at most
+    MAX_DEFAULT_SEQUENCE_LEN. labels: the (N, 25) echovlm.labels matrix of the split's reference reports, for
+    a model with a findings prompt (each study is prompted with its own labels); None for one without.
     """
 
     def __init__(self, tokens: np.ndarray, tok_offsets: np.ndarray, emb: np.ndarray, emb_offsets: np.ndarray,
                  bos_id: int, eos_id: int, pad_id: int, sequence_len: int | None, device, name: str = "split",
-                 pad_multiple: int = 1):
+                 pad_multiple: int = 1, labels: np.ndarray | None = None):
         tok_offsets, emb_offsets = np.asarray(tok_offsets, np.int64), np.asarray(emb_offsets, np.int64)
         if len(tok_offsets) != len(emb_offsets):
             raise ValueError(f"{name}: {len(tok_offsets) - 1} tokenized reports but {len(emb_offsets) - 1} studies "
@@ -133,7 +156,16 @@ class DeviceSplit:
         if (self.emb_len < 1).any():
             raise ValueError(f"{name}: {int((self.emb_len < 1).sum())} studies have no embedding")
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.lengths = self.emb_len + 1 + self.tok_len  # input positions each study wants
+        self.labels, self.codes, self.values = labels, None, None
+        if labels is not None:
+            if len(labels) != len(self.tok_len):
+                raise ValueError(f"{name}: labels of {len(labels)} studies, the split has {len(self.tok_len)}; "
+                                 "delete the dataset's labels/ folder so that they are computed again")
+            codes, values = label_prompts(labels)
+            self.codes = torch.from_numpy(np.asarray(codes, dtype=np.int64)).to(device)
+            self.values = torch.from_numpy(np.asarray(values, dtype=np.float32)).to(device)
+        self.n_prompt = 0 if self.codes is None else self.codes.shape[1]
+        self.lengths = self.emb_len + self.n_prompt + 1 + self.tok_len  # input positions each study wants
         if sequence_len is None:
             sequence_len = min(-(-int(self.lengths.max()) // 32) * 32, MAX_DEFAULT_SEQUENCE_LEN)
         self.sequence_len, self.pad_multiple = sequence_len, pad_multiple
@@ -153,26 +185,38 @@ class DeviceSplit:
     def embed_dim(self) -> int:
         return self.emb.shape[1]
 
-    def batch(self, idx) -> Batch:
+    def batch(self, idx, drop_prompt=None) -> Batch:
+        """The studies idx; drop_prompt (bool per study, or True for all): their findings prompt all unknown."""
         idx = np.asarray(idx, dtype=np.int64)
+        codes = values = None
+        if self.codes is not None:
+            rows = torch.from_numpy(idx).to(self.codes.device)
+            codes, values = self.codes[rows], self.values[rows]
+            if drop_prompt is not None:
+                drop = torch.as_tensor(np.broadcast_to(drop_prompt, idx.shape).copy(), device=codes.device)[:, None]
+                codes = torch.where(drop, torch.full_like(codes, UNKNOWN), codes)
+                values = torch.where(drop, torch.full_like(values, float("nan")), values)
         return build_batch(self.tokens, self.tok_start[idx], self.tok_len[idx], self.emb, self.emb_start[idx],
                            self.emb_len[idx], self.bos_id, self.eos_id, self.pad_id, self.sequence_len,
-                           self.pad_multiple)
+                           self.pad_multiple, codes, values)
 
-    def eval_batches(self, num_studies: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        """The first num_studies studies (all if <= 0), this rank's share (r, r+W, ...), in length order."""
+    def eval_batches(self, num_studies: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                     prompted: bool = False):
+        """The first num_studies studies (all if <= 0), this rank's share (r, r+W, ...), in length order; with
+        their findings prompts when prompted, else with every prompt unknown (what a free report reads)."""
         n = len(self) if num_studies <= 0 else min(num_studies, len(self))
         mine = np.arange(rank, n, world_size)
         mine = mine[np.argsort(self.lengths[mine], kind="stable")]
         for s in range(0, len(mine), batch_size):
-            yield self.batch(mine[s:s + batch_size])
+            yield self.batch(mine[s:s + batch_size], None if prompted else True)
 
 
 class TrainLoader:
     """Endless epochs of length-grouped global batches; next() gives this rank's micro batches of one step."""
 
     def __init__(self, split: DeviceSplit, total_batch_size: int, device_batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, group_batches: int = 100, length_grouping: bool = True):
+                 world_size: int = 1, seed: int = 0, group_batches: int = 100, length_grouping: bool = True,
+                 prompt_dropout: float = 0.0):
         per_step = device_batch_size * world_size
         if total_batch_size % per_step:
             raise ValueError(f"--total-batch-size {total_batch_size} must be a multiple of --device-batch-size x "
@@ -183,6 +227,7 @@ class TrainLoader:
         self.split, self.total, self.micro = split, total_batch_size, device_batch_size
         self.rank, self.world, self.accum = rank, world_size, total_batch_size // per_step
         self.seed, self.group, self.grouping = seed, group_batches, length_grouping
+        self.prompt_dropout = prompt_dropout
         self.batches_per_epoch = len(split) // total_batch_size  # the remainder is dropped, a new one each epoch
         self.epoch, self.pos = 0, 0
         self._order = None
@@ -206,20 +251,24 @@ class TrainLoader:
         if self._order is None:
             self._order = self._epoch_order(self.epoch)
         studies = self._order[self.pos]
+        # drawn for the whole global batch from (seed, epoch, batch): every rank and every resume agrees
+        drop = np.random.default_rng([self.seed, self.epoch, self.pos, 1]).random(len(studies)) < self.prompt_dropout
         self.pos += 1
         if self.pos == self.batches_per_epoch:
             self.epoch, self.pos, self._order = self.epoch + 1, 0, None
         self.global_stats = self._stats(studies)
         first = self.rank * self.accum
-        return [self.split.batch(studies[(first + a) * self.micro:(first + a + 1) * self.micro])
+        return [self.split.batch(studies[(first + a) * self.micro:(first + a + 1) * self.micro],
+                                 drop[(first + a) * self.micro:(first + a + 1) * self.micro])
                 for a in range(self.accum)]
 
     def _stats(self, studies: np.ndarray) -> dict:
         """Real targets, positions and padding of the whole global batch (all ranks), from lengths alone: every
         rank knows them without communicating, which is what normalises the loss by the global token count."""
         s, seq = self.split, self.split.sequence_len
-        n = np.minimum(s.tok_len[studies], seq - s.emb_len[studies] - 1)
-        rows = (s.emb_len[studies] + 1 + n).reshape(-1, self.micro)
+        before = s.emb_len[studies] + s.n_prompt  # positions before <|bos|>
+        n = np.minimum(s.tok_len[studies], seq - before - 1)
+        rows = (before + 1 + n).reshape(-1, self.micro)
         T = np.minimum(-(-rows.max(axis=1) // s.pad_multiple) * s.pad_multiple, seq)
         positions = int((T * self.micro).sum())
         return {"targets": int((n + 1).sum()), "positions": positions, "padding": positions - int(rows.sum())}

@@ -92,7 +92,7 @@ def policy_gradient_step(train_model, ddp_model, model, optimizers, samples: Sam
             b = collate([samples.embeddings[i] for i in chunk], [samples.tokens[i] for i in chunk],
                         tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, sequence_len, device)
             with autocast:
-                nll = train_model(b.ids, b.prefix, b.prefix_mask, b.targets, loss_reduction="none")
+                nll = train_model(b.ids, b.prefix, b.prefix_mask, b.targets, loss_reduction="none", **b.prompt)
             weight = torch.tensor(adv[chunk], dtype=torch.float32, device=device)[:, None]
             loss = (nll.view(b.targets.shape) * (b.targets >= 0) * weight).sum()
             # DDP averages gradients over ranks: x world makes the result the global-batch token mean

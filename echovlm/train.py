@@ -21,10 +21,12 @@ import torch.distributed as dist
 
 from echovlm.common import atomic_write_text, get_rank
 from echovlm.dataset import open_dataset
+from echovlm.echoprime import load_echoprime_rules
+from echovlm.labels import dataset_labels
 from echovlm.gpt import GPT, GPTConfig
 from echovlm.loader import DeviceSplit, TrainLoader
 from echovlm.tokenizer import CONFIG_FILE, STATS_FILE, Tokenizer, check_tokens_current, tokenizer_dir
-from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
+from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, DEFAULT_VOCAB_SIZE
 
 # dense bf16 peak of the accelerators we know; MFU is left out (nan) elsewhere rather than guessed
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -81,18 +83,25 @@ def setup_training(args, device, rank: int, world: int):
         check_tokens_current(dataset, tok_dir)
         tokenizer = Tokenizer.load(tok_dir)
         pad_multiple = 32 if args.compile else 1  # fewer distinct batch shapes for torch.compile to specialise on
-        train_split = _device_split(dataset, "train", tok_dir, tokenizer, args.sequence_len, device, pad_multiple)
+        # a run from before the findings prompt has none of these flags: it is a model without one
+        findings = getattr(args, "findings", False)
+        labels = run_labels(dataset, getattr(args, "echoprime_rules", None), rank) if findings else {}
+        train_split = _device_split(dataset, "train", tok_dir, tokenizer, args.sequence_len, device, pad_multiple,
+                                    labels.get("train"))
         args.sequence_len = train_split.sequence_len
-        val_split = _device_split(dataset, "val", tok_dir, tokenizer, args.sequence_len, device, pad_multiple)
+        val_split = _device_split(dataset, "val", tok_dir, tokenizer, args.sequence_len, device, pad_multiple,
+                                  labels.get("val"))
         loader = TrainLoader(train_split, args.total_batch_size, args.device_batch_size, rank, world, args.seed,
-                             length_grouping=args.length_grouping)
+                             length_grouping=args.length_grouping,
+                             prompt_dropout=getattr(args, "prompt_dropout", 0.0) if findings else 0.0)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from e
     if args.num_steps is None:
         args.num_steps = max(1, round(args.epochs * loader.batches_per_epoch))
 
     config = GPTConfig(depth=args.depth, vocab_size=tokenizer.vocab_size, embed_dim=train_split.embed_dim,
-                       sequence_len=args.sequence_len)
+                       sequence_len=args.sequence_len, n_findings=len(BINARY_TRAITS) if findings else 0,
+                       n_values=len(CONTINUOUS_TRAITS) if findings else 0)
     model = GPT(config).to(device)
     optimizers = model.setup_optimizers(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                         projector_lr=args.projector_lr, unembedding_lr=args.unembedding_lr,
@@ -164,11 +173,23 @@ def _retrain_hint(tok_dir: Path) -> str:
     return f"re-encode with `python -m scripts.tok_train --dataset {tok_dir.parent}{size} --out {tok_dir} --force`"
 
 
-def _device_split(dataset, split, tok_dir, tokenizer, sequence_len, device, pad_multiple):
+def run_labels(dataset, rules_path, rank: int) -> dict:
+    """{"train", "val": (N, 25) label matrices} of the reference reports (echovlm.labels, cached beside the
+    dataset): the findings prompts' training targets. Rank 0 computes a missing cache while the others wait."""
+    rules = load_echoprime_rules(rules_path) if rules_path else None
+    if dist.is_initialized() and rank != 0:
+        dist.barrier()
+    labels = dataset_labels(dataset, rules)
+    if dist.is_initialized() and rank == 0:
+        dist.barrier()
+    return {split: labels[slice(*dataset._split(split))] for split in ("train", "val")}
+
+
+def _device_split(dataset, split, tok_dir, tokenizer, sequence_len, device, pad_multiple, labels=None):
     emb, emb_offsets = dataset.embedding_block(split)
     tokens, offsets = read_split_tokens(tok_dir, split, len(emb_offsets) - 1, tokenizer.vocab_size)
     return DeviceSplit(tokens, offsets, emb, emb_offsets, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
-                       sequence_len, device, name=split, pad_multiple=pad_multiple)
+                       sequence_len, device, name=split, pad_multiple=pad_multiple, labels=labels)
 
 
 class StopSignals:
@@ -239,7 +260,7 @@ def train_step(train_model, ddp_model, model, optimizers, batches, global_target
     for a, b in enumerate(batches):
         sync = nullcontext() if ddp_model is None or a == len(batches) - 1 else ddp_model.no_sync()
         with sync, autocast:
-            loss = train_model(b.ids, b.prefix, b.prefix_mask, b.targets, loss_reduction="sum")
+            loss = train_model(b.ids, b.prefix, b.prefix_mask, b.targets, loss_reduction="sum", **b.prompt)
         # DDP averages gradients over ranks: x world makes the result the global-batch token mean
         (loss * (world / global_targets)).backward()
         loss_sum += loss.detach()
@@ -282,7 +303,7 @@ def evaluate(model, split: DeviceSplit, token_bytes: torch.Tensor, args, rank, w
     count = 0
     for b in split.eval_batches(args.eval_studies, args.device_batch_size, rank, world):
         with autocast:
-            loss = model(b.ids, b.prefix, b.prefix_mask, b.targets, loss_reduction="none")
+            loss = model(b.ids, b.prefix, b.prefix_mask, b.targets, loss_reduction="none", **b.prompt)
         tgt = b.targets.reshape(-1)
         valid = tgt >= 0
         nbytes = torch.where(valid, token_bytes[tgt.clamp(min=0)], 0)

@@ -34,6 +34,9 @@ import torch
 import torch.distributed as dist
 
 from echovlm.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
+from echovlm.echoprime import load_echoprime_rules
+from echovlm.findings import FindingsHead, fit_head, split_features
+from echovlm.labels import rules_key
 from echovlm.common import (atomic_write_json, compute_cleanup, compute_init, fail, new_run_dir, print0,
                             seed_everything)
 from echovlm.tokenizer import STATS_FILE
@@ -100,6 +103,16 @@ def build_parser():
                    help="torch.compile the training model (default: on CUDA)")
     p.add_argument("--no-length-grouping", dest="length_grouping", action="store_false",
                    help="batch studies in plain random order (more padding; for comparison)")
+    p.add_argument("--findings", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the findings head (echovlm.findings) and prompt the GPT with each report's findings "
+                        "(default: on; --no-findings trains a GPT that only writes free reports)")
+    p.add_argument("--prompt-dropout", type=float, default=0.5,
+                   help="fraction of training reports whose findings prompt is all unknown, so the GPT also writes "
+                        "without one (default %(default)g)")
+    p.add_argument("--head-hidden", type=int, default=256,
+                   help="hidden width of the findings head's MLP, 0 = linear only (default %(default)s)")
+    p.add_argument("--echoprime-rules", help="label the reports with EchoPrime's per_section.json (file or checkout) "
+                                             "instead of echovlm.clinical's rules, for the findings head and prompts")
     p.add_argument("--seed", type=int, default=0, help="data order and initialisation seed (default %(default)s)")
     return p
 
@@ -139,6 +152,15 @@ def apply_defaults(args, device_type: str, world: int):
     for name in OPTIM_DEFAULTS:
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             fail("base_train", f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(args, name)}")
+    if not 0 <= args.prompt_dropout <= 1:
+        fail("base_train", f"--prompt-dropout must be in [0, 1], got {args.prompt_dropout}")
+    if args.head_hidden < 0:
+        fail("base_train", f"--head-hidden must be >= 0, got {args.head_hidden}")
+    if args.echoprime_rules:
+        try:
+            load_echoprime_rules(args.echoprime_rules)
+        except (FileNotFoundError, ValueError) as e:
+            fail("base_train", f"--echoprime-rules: {e}")
 
 
 def open_resumed(args, given: dict, world: int):
@@ -261,8 +283,20 @@ def train(args, ddp, rank, world, device, given=None):
     token_bytes = torch.from_numpy(tokenizer.token_bytes()).to(device)
     peak = peak_flops(device) * world
 
+    head, head_summary = None, None
+    if config.n_prompt and ckpt is not None:
+        try:
+            head = FindingsHead.from_checkpoint(ckpt.get("findings"), run_dir / "checkpoints" / "last.pt")
+        except (ValueError, KeyError, TypeError) as e:
+            fail("base_train", f"{e}; start a new run without --resume")
+    elif config.n_prompt and rank == 0:  # only rank 0 saves checkpoints, and the GPT trains on reference labels
+        head, head_summary = fit_head(split_features(train_split), train_split.labels, split_features(val_split),
+                                      val_split.labels, hidden=args.head_hidden, seed=args.seed, device=device,
+                                      log=print0)
     ckpt_dir = run_dir / "checkpoints"
-    meta = {"dataset": str(Path(args.dataset).resolve()), "tokenizer_dir": str(tok_dir.resolve())}
+    rules = load_echoprime_rules(args.echoprime_rules) if getattr(args, "echoprime_rules", None) else None
+    meta = {"dataset": str(Path(args.dataset).resolve()), "tokenizer_dir": str(tok_dir.resolve()),
+            "rules": str(Path(rules.source).resolve()) if rules else None, "rules_key": rules_key(rules)}
     if rank == 0 and ckpt is None:
         atomic_write_json(run_dir / "config.json", {
             "args": {"flags": vars(args), "world_size": world},
@@ -271,7 +305,7 @@ def train(args, ddp, rank, world, device, given=None):
             "dataset": meta["dataset"], "tokenizer_dir": meta["tokenizer_dir"], "world_size": world,
             "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "accumulation_steps": accum, "train_studies": len(train_split),
-            "val_studies": len(val_split), "steps_per_epoch": loader.batches_per_epoch,
+            "val_studies": len(val_split), "steps_per_epoch": loader.batches_per_epoch, "findings_head": head_summary,
         })
     train_rows = read_csv(run_dir / "train.csv", start_step) if rank == 0 else []
     val_rows = read_csv(run_dir / "val.csv", start_step) if rank == 0 else []
@@ -298,12 +332,12 @@ def train(args, ddp, rank, world, device, given=None):
                     if val_bpb < best_bpb:
                         best_bpb = val_bpb
                         save_checkpoint(ckpt_dir / "best.pt", model, optimizers, step, loader.state_dict(),
-                                        {**meta, "val_bpb": val_bpb, "best_val_bpb": best_bpb})
+                                        {**meta, "val_bpb": val_bpb, "best_val_bpb": best_bpb}, head)
             if rank == 0 and step > start_step and (step % args.save_every == 0 or last or stopping):
                 # train.csv first: a resume reads its rows up to the checkpoint's step, so they must all be there
                 write_csv(run_dir / "train.csv", TRAIN_FIELDS, train_rows)
                 save_checkpoint(ckpt_dir / "last.pt", model, optimizers, step, loader.state_dict(),
-                                {**meta, "val_bpb": last_bpb, "best_val_bpb": best_bpb})
+                                {**meta, "val_bpb": last_bpb, "best_val_bpb": best_bpb}, head)
                 plot(run_dir, train_rows, val_rows)
             if stopping and not last:
                 print0(f"base_train: stopped by {stop.name} at step {step}/{args.num_steps}, saved in "

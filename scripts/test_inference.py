@@ -4,34 +4,47 @@
     python -m scripts.test_inference --run RUN --max-studies 2000 --samples 5 --out RUN/eval
 
 Every report, generated or reference, goes through the same label extractor (echovlm.clinical; or
-EchoPrime's own phrase rules with --echoprime-rules), and the labels are compared trait by trait, on the
-same studies, for four systems:
+EchoPrime's own phrase rules with --echoprime-rules; by default the rules the model was trained with), and the
+labels are compared trait by trait, on the same studies, for these systems:
 
-  model      hard label: the label of the one report per study a user would get (--decode: consensus, the
-             sampled or greedy report that agrees best with the others under the clinical reward, or
-             greedy). Score: the fraction of --samples reports sampled at --temperature that state the
-             finding, a continuous score so that AUROC can rank studies.
-  prior      the same model fed another test study's embeddings (a seeded shuffle that leaves no study with
-             its own): what the model writes without knowing the study. Beating it shows the prefix is read.
+  model      the report a user gets. With a findings head (echovlm.findings): the head decides the findings,
+             the GPT writes the report prompted with them (greedy; where it misstates a prompted finding,
+             --samples sampled reports too and the most faithful one is kept). Hard labels: what the report
+             states; score (AUROC): the head's probability. Without a head (a model made before it): the
+             free report below, under the name model.
+  free       the same GPT with no findings prompt, writing from the embeddings alone (a model with a head
+             only): hard labels of the --decode report (consensus of the greedy and the sampled reports,
+             or greedy), score = the fraction of --samples reports sampled at --temperature stating the finding.
+  head       the findings head alone: its decisions (thresholds set on val for balanced accuracy) and
+             probabilities; values as regressed.
+  prior      the model given another test study's embeddings (a seeded shuffle that leaves no study with its
+             own): what it writes without knowing the study. Beating it shows the embeddings are read.
   retrieval  the report of the nearest training study by cosine similarity of mean embeddings, as EchoPrime
              does. It gives hard labels only, so its AUROC is its balanced accuracy.
-  knn{k}     the mean label of the --knn k nearest training studies as the score; the majority as hard label
-             (named by its k everywhere: knn50 with the default).
+  probe      per-finding logistic regression (and ridge for LVEF/PASP) on the standardised mean study
+             embedding, fitted on the training split (at most --probe-studies of it, seeded): score = its
+             probability, hard label = probability above the finding's training prevalence.
+  knn{k}     the mean label of the --knn k nearest training studies as the score, hard label = score above
+             the finding's training prevalence (no one thresholds a 2% finding at 0.5), values = their mean.
 
 Binary traits: AUROC of the score and of the hard 0/1 label (= balanced accuracy, the number the reference
 system reports), with 95% bootstrap CIs over studies (the same resamples for every system). A trait with
 no positive or no negative study is N/A. LVEF and PASP: R^2 and MAE of the decoded (or retrieved, or
-neighbour-mean) value; studies where either side states no value are dropped and counted. Core Metric, as
-in EchoPrime's tables: the mean over traits of AUROC (binary) and R^2 (continuous); "hard" uses hard AUROC.
+regressed) value; studies where either side states no value are dropped and counted. Core Metric, as in
+EchoPrime's tables: the mean over traits of AUROC (binary) and R^2 (continuous); "hard" uses hard AUROC.
+
+Fidelity (a model with a head): the share of prompted (study, finding) pairs whose report states the prompted
+label, and the share of reports stating LVEF / PASP within 2 points of the prompted value. Calibration: the
+head's expected calibration error on the test studies and its reliability plot (calibration.png).
 
 Consistency (echovlm.consistency): contradictions one report holds about itself (LVEF against the stated
 systolic function, a finding stated and denied, two severities, impossible numbers, a repeated section), per
-1,000 decoded reports of the model and the prior, retrieved reports and the reference reports themselves (the
+1,000 reports of each generating system, the retrieved reports and the reference reports themselves (the
 floor: what the real reports do), with counts per rule.
 
 Outputs, in a new directory (--out, default <run>/eval; eval1, eval2, ... if taken, nothing is overwritten):
-metrics.csv, metrics.json (with a summary), metrics.md, traits.png, samples.md (5 generated reports beside
-their references), language.json (BLEU-4 and ROUGE-L: secondary, they reward wording, not findings).
+metrics.csv, metrics.json (with a summary), metrics.md, traits.png, calibration.png, samples.md (5 generated
+reports beside their references), language.json (BLEU-4 and ROUGE-L: secondary, they reward wording).
 """
 
 import argparse
@@ -54,6 +67,8 @@ from echovlm.common import (atomic_write_bytes, atomic_write_json, atomic_write_
 from echovlm.dataset import open_dataset
 from echovlm.echoprime import load_echoprime_rules
 from echovlm.engine import Engine
+from echovlm.findings import calibration, decide, fidelity, mean_features, prompted_reports
+from echovlm.labels import dataset_labels, rules_key
 from echovlm.retrieval import nearest_training_studies
 from echovlm.reward import RewardWeights, consensus
 from echovlm.scoring import label_arrays, score_traits
@@ -62,17 +77,18 @@ from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS
 # rows decoded together, per device
 DEVICE_DEFAULTS = {"cuda": dict(batch_size=256), "cpu": dict(batch_size=64)}
 PRIOR_KIND = "the embeddings of another test study (seeded shuffle, none keeps its own)"
+HARD_ONLY = ("retrieval",)  # systems without a continuous score
 
 
-def system_names(knn: int, base: bool = False) -> tuple[str, ...]:
-    """The systems, the kNN baseline last and named by its real k (knn50 with the default --knn); "base" (the
-    run --base names, e.g. the model before fine-tuning) after the model when given."""
-    return ("model", *(("base",) if base else ()), "prior", "retrieval", f"knn{knn}")
+def system_names(knn: int, head: bool = False, base: bool = False) -> tuple[str, ...]:
+    """The systems in table order, the kNN baseline last and named by its real k (knn50 with the default)."""
+    return ("model", *(("free", "head") if head else ()), *(("base",) if base else ()), "prior", "retrieval",
+            "probe", f"knn{knn}")
 
 
 def consistency_sources(systems: tuple[str, ...]) -> tuple[str, ...]:
     """The reports whose contradictions are counted: generated, retrieved and the references (the floor)."""
-    return (*systems[:-1], "reference")
+    return (*[s for s in systems if s in ("model", "free", "base", "prior", "retrieval")], "reference")
 
 
 # ------------------------------------------------------------------ each system: hard labels/values and a score
@@ -83,6 +99,17 @@ def from_reports(greedy: list[dict], sampled: list[list[dict]] | None) -> dict:
     if sampled is not None:
         system["score"] = {t: np.array([np.mean([d[t] == 1 for d in s]) for s in sampled]) for t in BINARY_TRAITS}
     return system
+
+
+def from_head(decided: dict, labels: list[dict] | None = None) -> dict:
+    """The head's probabilities as the score; hard labels and values from the reports' labels when given (the
+    prompted report), else the head's own decisions and values (the head alone)."""
+    score = {t: decided["prob"][:, j] for j, t in enumerate(BINARY_TRAITS)}
+    if labels is not None:
+        return {"predicted": label_arrays(labels), "score": score}
+    predicted = {t: decided["decision"][:, j] for j, t in enumerate(BINARY_TRAITS)}
+    predicted.update({t: decided["value"][:, j] for j, t in enumerate(CONTINUOUS_TRAITS)})
+    return {"predicted": predicted, "score": score}
 
 
 def pick_reports(greedy_text, greedy, sampled_text, sampled, decode: str, weights: RewardWeights | None):
@@ -99,30 +126,62 @@ def pick_reports(greedy_text, greedy, sampled_text, sampled, decode: str, weight
     return texts, labels
 
 
-def from_neighbours(train: dict[str, np.ndarray], neighbours: np.ndarray) -> dict:
-    """Score = mean label of the neighbours that settle the trait; hard label = majority; value = mean value."""
+def from_scores(score: dict[str, np.ndarray], values: dict[str, np.ndarray], prevalence: dict[str, float]) -> dict:
+    """A score-based baseline: hard label = score above the trait's training prevalence (NaN stays NaN)."""
+    predicted = {t: np.where(np.isnan(s), np.nan, (s > prevalence[t]).astype(float)) for t, s in score.items()}
+    predicted.update(values)
+    return {"predicted": predicted, "score": score}
+
+
+def from_neighbours(train: dict[str, np.ndarray], neighbours: np.ndarray, prevalence: dict[str, float]) -> dict:
+    """Score = mean label of the neighbours that settle the trait; hard label = score above the training
+    prevalence; value = mean value."""
     def mean_rows(a):
         ok = ~np.isnan(a)
         return np.where(ok.any(1), np.nansum(a, 1) / np.maximum(ok.sum(1), 1), np.nan)
 
-    score = {t: mean_rows(train[t][neighbours]) for t in BINARY_TRAITS}
-    predicted = {t: np.where(np.isnan(s), np.nan, (s > 0.5).astype(float)) for t, s in score.items()}
-    predicted.update({t: mean_rows(train[t][neighbours]) for t in CONTINUOUS_TRAITS})
-    return {"predicted": predicted, "score": score}
+    return from_scores({t: mean_rows(train[t][neighbours]) for t in BINARY_TRAITS},
+                       {t: mean_rows(train[t][neighbours]) for t in CONTINUOUS_TRAITS}, prevalence)
 
 
-def generate_reports(engine, embeddings, args, seed: int, what: str):
+def fit_probe(train_x: np.ndarray, train: dict[str, np.ndarray], test_x: np.ndarray, max_studies: int, seed: int,
+              prevalence: dict[str, float]) -> tuple[dict, int]:
+    """The probe baseline (scikit-learn): a logistic regression per binary trait and a ridge per value on the
+    standardised mean embeddings of at most max_studies training studies (a seeded subsample). (system, fitted on)."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rows = np.arange(len(train_x))
+    if len(rows) > max_studies:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_studies, replace=False))
+    score, values = {}, {}
+    for t in TRAITS:
+        y = train[t][rows]
+        ok = ~np.isnan(y)
+        one_class = TRAITS[t] == "binary" and len(np.unique(y[ok])) < 2
+        if ok.sum() < 10 or one_class:  # nothing to learn: the trait is N/A for the probe
+            (score if TRAITS[t] == "binary" else values)[t] = np.full(len(test_x), np.nan)
+        elif TRAITS[t] == "binary":
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+            score[t] = model.fit(train_x[rows][ok], y[ok]).predict_proba(test_x)[:, 1]
+        else:
+            values[t] = make_pipeline(StandardScaler(), Ridge()).fit(train_x[rows][ok], y[ok]).predict(test_x)
+    return from_scores(score, values, prevalence), len(rows)
+
+
+def generate_reports(engine, embeddings, args, seed: int, what: str, samples: bool = True):
     """(greedy report per study, args.samples sampled reports per study or None, reports generated, seconds)."""
     t0 = time.perf_counter()
     common = dict(max_tokens=args.max_tokens, batch_size=args.batch_size, progress=True)
     print0(f"{what}: greedy reports")
     greedy = [s[0] for s in engine.generate_text(embeddings, temperature=0.0, **common)]
     sampled = None
-    if args.samples > 0:
+    if samples and args.samples > 0:
         print0(f"{what}: {args.samples} sampled reports per study at temperature {args.temperature}")
         sampled = engine.generate_text(embeddings, temperature=args.temperature, top_k=args.top_k,
                                        num_samples=args.samples, seed=seed, **common)
-    return greedy, sampled, len(greedy) * (1 + args.samples), time.perf_counter() - t0
+    return greedy, sampled, len(greedy) * (1 + (args.samples if sampled is not None else 0)), time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------ outputs
@@ -134,11 +193,11 @@ def fmt_ci(row, metric: str, spec: str = ".3f") -> str:
     return f"{v:{spec}} ({row[metric + '_lo']:{spec}}-{row[metric + '_hi']:{spec}})"
 
 
-def markdown_tables(table: pd.DataFrame, summaries: dict, systems: tuple[str, ...], contradictions: dict) -> str:
+def markdown_tables(table: pd.DataFrame, summaries: dict, systems: tuple[str, ...], contradictions: dict,
+                    extra: dict) -> str:
     rows = {(r.system, r.trait): r._asdict() for r in table.itertuples(index=False)}
-    knn, sources = systems[-1], consistency_sources(systems)
-    cols = [(s, m) for s in systems[:-2] for m in ("auroc", "auroc_hard")]
-    cols += [("retrieval", "auroc_hard"), (knn, "auroc"), (knn, "auroc_hard")]
+    sources = consistency_sources(systems)
+    cols = [(s, m) for s in systems for m in (("auroc_hard",) if s in HARD_ONLY else ("auroc", "auroc_hard"))]
     head = ["trait", "n", "positives", "prevalence"] + [f"{s} {'AUROC' if m == 'auroc' else 'hard'}" for s, m in cols]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for t in BINARY_TRAITS:
@@ -156,18 +215,60 @@ def markdown_tables(table: pd.DataFrame, summaries: dict, systems: tuple[str, ..
     for key, label in (("core_metric", "from the score"), ("core_metric_hard", "from the hard labels")):
         vals = [summaries[s][key] for s in systems]
         lines.append(f"| {label} | " + " | ".join("N/A" if v is None else f"**{v:.3f}**" for v in vals) + " |")
+    fid = extra.get("fidelity")
+    if fid:
+        lines += ["", "| Fidelity of the model's report to its findings prompt | value |", "|---|---|",
+                  f"| (study, finding) pairs stated as prompted | **{fmt_share(fid['findings']['agree'])}** of "
+                  f"{fid['findings']['pairs']:,} |"]
+        lines += [f"| {t} within {fid['tolerance']:g} of the prompted value | **{fmt_share(fid[t]['within'])}** of "
+                  f"{fid[t]['reports']:,} reports ({fid[t]['not_stated']} not stated) |" for t in CONTINUOUS_TRAITS]
+        cal = extra["calibration"]
+        lines += [f"| findings head: expected calibration error on these studies ({cal['pairs']:,} pairs, "
+                  f"{len(cal['bins'])} bins) | {cal['ece']:.4f} |"]
     lines += ["", "| Contradictions (echovlm.consistency) | " + " | ".join(sources) + " |",
               "|---" * (len(sources) + 1) + "|",
               "| per 1,000 reports | " + " | ".join(f"**{contradictions[s]['per_1000']:.1f}**" for s in sources) + " |",
               "| reports with any | " + " | ".join(f"{contradictions[s]['reports_with_any']}" for s in sources) + " |"]
     lines += [f"| {rule} | " + " | ".join(str(contradictions[s]["per_rule"][rule]) for s in sources) + " |"
               for rule in consistency.RULES]
-    lines += ["", "AUROC: from the continuous score (model/prior: fraction of sampled reports stating the finding; "
-              "kNN: mean neighbour label); retrieval has hard labels only. Hard: AUROC of 0/1 labels, i.e. balanced "
-              f"accuracy. 95% bootstrap CIs in brackets. Prior: the model given {PRIOR_KIND}. Contradictions: in the "
-              "decoded report (model, base, prior), the retrieved report and the reference report of each study; the "
-              "reference's rate is the floor."]
+    score_of = ("the findings head's probability" if "head" in systems
+                else "the fraction of sampled reports stating the finding")
+    lines += ["", f"AUROC: from the continuous score (model, prior: {score_of}; free: fraction of sampled free reports "
+              "stating the finding; head: its probability; probe: its probability; kNN: mean neighbour label); "
+              "retrieval has hard labels only. Hard: AUROC of 0/1 labels, i.e. balanced accuracy (model, free, prior: "
+              "what the report states; head: its decisions; probe and kNN: score above the training prevalence). "
+              f"95% bootstrap CIs in brackets. Prior: the model given {PRIOR_KIND}. Probe fitted on "
+              f"{extra['probe_studies']:,} training studies. Contradictions: in the reports each system gives and the "
+              "reference report of each study; the reference's rate is the floor."]
     return "\n".join(lines) + "\n"
+
+
+def fmt_share(x) -> str:
+    return "N/A" if x is None else f"{x:.2%}"
+
+
+def plot_calibration(path: Path, calibration: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = calibration["bins"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect calibration")
+    ax.plot([b["mean_prob"] for b in bins], [b["frequency"] for b in bins], "o-", label="findings head")
+    for b in bins:
+        ax.annotate(f"{b['n']:,}", (b["mean_prob"], b["frequency"]), fontsize=7, textcoords="offset points",
+                    xytext=(4, -10))
+    ax.set_xlabel("predicted probability (bin mean)")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"reliability over (study, finding) pairs, ECE {calibration['ece']:.4f}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_traits(path: Path, table: pd.DataFrame, systems: tuple[str, ...]):
@@ -177,7 +278,7 @@ def plot_traits(path: Path, table: pd.DataFrame, systems: tuple[str, ...]):
     import matplotlib.pyplot as plt
 
     ok = table[(table.system == "model") & (table.kind == "binary") & (table.status == "ok")].trait.tolist()
-    series = [(s, "auroc") for s in systems[:-2]] + [("retrieval", "auroc_hard"), (systems[-1], "auroc")]
+    series = [(s, "auroc_hard" if s in HARD_ONLY else "auroc") for s in systems]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 0.4 * max(len(ok), 4) + 2), gridspec_kw={"width_ratios": [3, 1]})
     h, y = 0.8 / len(series), np.arange(len(ok))
     for i, (s, m) in enumerate(series):
@@ -219,24 +320,29 @@ def language_metrics(hypotheses: dict[str, list[str]], references: list[str]) ->
     return out
 
 
-def write_outputs(args, n, ids, refs, table, summaries, results, names, model_text, prior_text, retrieval_text) -> Path:
-    """metrics.csv/json/md, traits.png, samples.md and language.json in a new directory; returns it."""
+def write_outputs(args, n, ids, refs, table, summaries, results, names, texts: dict[str, list[str]], extra: dict) -> Path:
+    """metrics.csv/json/md, traits.png, calibration.png, samples.md and language.json in a new directory."""
     summary = results["summary"]
     out = new_run_dir(args.out.parent, args.out.name)
     atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
     atomic_write_json(out / "metrics.json", results)  # NaN -> null in the traits' records
-    md = markdown_tables(table, summaries, names, summary["contradictions"])
+    md = markdown_tables(table, summaries, names, summary["contradictions"], extra)
     atomic_write_text(out / "metrics.md", md + f"\n{n} test studies, K={args.samples} samples at temperature "
                       f"{args.temperature}, seed {args.seed}; {summary['generated_reports']} reports generated at "
                       f"{summary['generation_reports_per_s']} reports/s; {summary['elapsed_s']:.0f}s in all.\n")
     plot_traits(out / "traits.png", table, names)
+    if extra.get("calibration"):
+        plot_calibration(out / "calibration.png", extra["calibration"])
     samples = ["# Generated reports beside their references", ""]
     for i in range(min(5, n)):
-        samples += [f"## Test study {ids[i]}", "", f"Generated ({args.decode}):", "", "```", model_text[i], "```", "",
-                    "Reference:", "", "```", refs[i], "```", ""]
+        samples += [f"## Test study {ids[i]}", ""]
+        for name, t in texts.items():
+            if name in ("model", "free"):
+                samples += [f"Generated ({name}{', ' + summary['decode'] if name == 'free' or 'free' not in texts else ''}):",
+                            "", "```", t[i], "```", ""]
+        samples += ["Reference:", "", "```", refs[i], "```", ""]
     atomic_write_text(out / "samples.md", "\n".join(samples))
-    atomic_write_json(out / "language.json", language_metrics(
-        {"model": model_text, "prior": prior_text, "retrieval": retrieval_text}, refs))
+    atomic_write_json(out / "language.json", language_metrics(texts, refs))
     return out
 
 
@@ -244,38 +350,52 @@ def write_outputs(args, n, ids, refs, table, summaries, results, names, model_te
 
 SCRIPT = "test_inference"
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="training run directory (or a checkpoint .pt file)")
-    p.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint to load")
-    p.add_argument("--base", help="another run on the same dataset (e.g. the base model --run was fine-tuned from), "
-                                  "scored beside it as the system \"base\" on the same studies")
-    p.add_argument("--dataset", help="prepared dataset (default: the one the model was trained on)")
-    p.add_argument("--max-studies", type=int, default=None, help="score the first N test studies (default: all)")
-    p.add_argument("--samples", type=int, default=5, help="sampled reports per study for the AUROC score (0: greedy only)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of those reports")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
-    p.add_argument("--max-tokens", type=int, default=None, help="report tokens (default: fill the sequence length)")
-    p.add_argument("--decode", default="consensus", choices=["consensus", "greedy"],
-                   help="the one report per study that gives the hard labels: the consensus of the greedy and the "
-                        "sampled reports, or the greedy report (with --samples 0 the greedy report is all there is)")
-    p.add_argument("--weight-studies", type=int, default=5000,
-                   help="training reports whose labels set the consensus's trait weights (prevalences)")
-    p.add_argument("--knn", type=int, default=50, help="neighbours averaged by the kNN baseline")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    p.add_argument("--echoprime-rules", help="label with EchoPrime's per_section.json (file or checkout) instead of ours")
-    p.add_argument("--batch-size", type=int, default=None, help="rows decoded together (default: 256 on CUDA, 64 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="output directory (default: <run>/eval); eval1, eval2, ... when it exists")
-    args = p.parse_args(argv)
-    for flag in ("max_studies", "knn", "bootstrap", "batch_size", "top_k", "max_tokens", "weight_studies"):
+
+def check_args(args):
+    for flag in ("max_studies", "knn", "bootstrap", "batch_size", "top_k", "max_tokens", "weight_studies",
+                 "probe_studies"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(SCRIPT, f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.samples < 0:
         fail(SCRIPT, f"--samples must be >= 0, got {args.samples}")
     if not args.temperature > 0 or not np.isfinite(args.temperature):  # nan fails every comparison
         fail(SCRIPT, f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.samples == 0 and args.decode == "consensus":
+        args.decode = "greedy"  # nothing to take a consensus of: say what was done, not what was asked
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="training run directory (or a checkpoint .pt file)")
+    p.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint to load")
+    p.add_argument("--base", help="another run on the same dataset and tokenizer (e.g. the base model --run was "
+                                  "fine-tuned from), scored beside it as the system \"base\" on the same studies")
+    p.add_argument("--dataset", help="prepared dataset (default: the one the model was trained on)")
+    p.add_argument("--max-studies", type=int, default=None, help="score the first N test studies (default: all)")
+    p.add_argument("--samples", type=int, default=5,
+                   help="sampled reports per study: the free report's AUROC score and consensus, and the model's "
+                        "retries where its greedy report misstates its prompt (0: greedy only)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of those reports")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--max-tokens", type=int, default=None, help="report tokens (default: fill the sequence length)")
+    p.add_argument("--decode", default="consensus", choices=["consensus", "greedy"],
+                   help="the free report per study that gives its hard labels (the model's report without a head): "
+                        "the consensus of the greedy and the sampled reports, or the greedy report (with --samples 0 "
+                        "the greedy report is all there is)")
+    p.add_argument("--weight-studies", type=int, default=5000,
+                   help="training reports whose labels set the consensus's trait weights (prevalences)")
+    p.add_argument("--knn", type=int, default=50, help="neighbours averaged by the kNN baseline")
+    p.add_argument("--probe-studies", type=int, default=200_000,
+                   help="training studies the probe baseline is fitted on (a seeded subsample when the split is larger)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--echoprime-rules", help="label with EchoPrime's per_section.json (file or checkout) (default: the "
+                                             "rules the model was trained with)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows decoded together (default: 256 on CUDA, 64 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output directory (default: <run>/eval); eval1, eval2, ... when it exists")
+    args = p.parse_args(argv)
+    check_args(args)
 
     run_dir = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     args.out = Path(args.out) if args.out else run_dir / "eval"
@@ -291,22 +411,32 @@ def main(argv=None):
         fail(SCRIPT, str(e))
     args.batch_size = args.batch_size or DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]["batch_size"]
     try:
-        rules = load_echoprime_rules(args.echoprime_rules) if args.echoprime_rules else None
-    except (FileNotFoundError, ValueError) as e:
-        fail(SCRIPT, f"--echoprime-rules: {e}")
-    try:
         model, tokenizer, info = load_model(args.run, device, which=args.which)
     except (FileNotFoundError, ValueError) as e:
         fail(SCRIPT, f"{e} (--run takes a training run directory, with checkpoints/, or a checkpoint .pt file)")
+    rules_path = args.echoprime_rules or info.get("rules")
+    try:  # checked before any report is generated
+        rules = load_echoprime_rules(rules_path) if rules_path else None
+    except (FileNotFoundError, ValueError) as e:
+        fail(SCRIPT, f"--echoprime-rules: {e}" if args.echoprime_rules else f"the model's rules {rules_path}: {e}; "
+                     "pass --echoprime-rules")
+    head = info["findings"]
+    if head is not None and info.get("rules_key") and rules_key(rules) != info["rules_key"]:
+        print0(f"note: the findings head was trained on labels of rules {info['rules_key']}, scored here with "
+               f"{rules_key(rules)}: its decisions target the other rules' labels")
     base = None
     if args.base:
         try:
             base = load_model(args.base, device, which=args.which)
         except (FileNotFoundError, ValueError) as e:
             fail(SCRIPT, f"--base {args.base}: {e}")
+        differ = [f"{what} {base[2].get(key)} (--run has {info.get(key)})" for key, what in
+                  (("dataset", "dataset"), ("tokenizer_dir", "tokenizer")) if base[2].get(key) != info.get(key)]
         if base[0].config.embed_dim != model.config.embed_dim:
-            fail(SCRIPT, f"--base {args.base} reads {base[0].config.embed_dim}-d embeddings, --run "
-                         f"{model.config.embed_dim}-d ones: they were not trained on the same dataset")
+            differ.append(f"{base[0].config.embed_dim}-d embeddings (--run reads {model.config.embed_dim}-d)")
+        if differ:
+            fail(SCRIPT, f"--base {args.base} was trained on other data than --run: {'; '.join(differ)}. Scoring it "
+                         "beside --run needs the same dataset and tokenizer")
     dataset = args.dataset or info.get("dataset")
     if not dataset:
         fail(SCRIPT, f"the checkpoint {info['checkpoint']} does not name its dataset; pass --dataset")
@@ -316,72 +446,106 @@ def main(argv=None):
             fail(SCRIPT, f"{dataset} has {ds.embed_dim}-d embeddings but the model reads {model.config.embed_dim}-d "
                          "ones; pass the dataset it was trained on")
         ids, refs, embeddings = ds.studies("test"), ds.reports("test"), ds.embeddings("test")
+        n_train = len(ds.studies("train"))
     except (FileNotFoundError, ValueError) as e:
         fail(SCRIPT, f"the dataset {dataset} cannot be read: {e}")
     n = len(ids) if args.max_studies is None else min(args.max_studies, len(ids))
     if n < 2:
         fail(SCRIPT, f"the test split of {dataset} has {len(ids)} studies; at least 2 are needed")
+    if args.knn > n_train:
+        print0(f"note: --knn {args.knn} is more than the {n_train} training studies: kNN averages all of them")
+        args.knn = n_train
     ids, refs, embeddings = ids[:n], refs[:n], embeddings[:n]
-    print0(f"scoring {n} test studies of {dataset} with {info['checkpoint']} (step {info.get('step')}) on {device}")
+    print0(f"scoring {n} test studies of {dataset} with {info['checkpoint']} (step {info.get('step')}) on {device}"
+           f"{'' if head is not None else ' (no findings head: free reports only)'}")
 
     def labels(texts):
         return [extract_labels(t, rules) for t in texts]
 
-    reference = labels(refs)
-    engine = Engine(model, tokenizer)
-
-    model_text, model_samples, gen_n, gen_s = generate_reports(engine, embeddings, args, args.seed, "model")
+    all_labels = dataset_labels(ds, rules)  # cached beside the dataset, computed in parallel when missing
+    reference = label_arrays({t: all_labels[slice(*ds._split("test")), j][:n] for j, t in enumerate(TRAITS)})
+    train = {t: all_labels[slice(*ds._split("train")), j] for j, t in enumerate(TRAITS)}
+    prevalence = {t: float(np.nanmean(train[t])) if (~np.isnan(train[t])).any() else 0.5 for t in BINARY_TRAITS}
+    train_reports = ds.reports("train")
+    weights = RewardWeights.from_labels([{t: (None if np.isnan(train[t][i]) else train[t][i]) for t in TRAITS}
+                                         for i in range(min(args.weight_studies, n_train))])
     # prior: study order[j] gets the embeddings of order[j+1], a shuffle in which no study keeps its own
     order = np.random.default_rng(args.seed).permutation(n)
     source = np.empty(n, dtype=np.int64)
     source[order] = np.roll(order, -1)
-    prior_text, prior_samples, c, s = generate_reports(engine, [embeddings[i] for i in source], args, args.seed + 1, "prior")
-    gen_n, gen_s = gen_n + c, gen_s + s
+    shuffled = [embeddings[i] for i in source]
+    features = mean_features(embeddings)
+
+    engine = Engine(model, tokenizer)
+    systems, texts, extra, gen_n, gen_s = {}, {}, {}, 0, 0.0
+    gen = dict(max_tokens=args.max_tokens, batch_size=args.batch_size, progress=True)
+
+    def model_system(eng, decider, embs, seed, what):
+        """(system, texts, labels, generated, seconds, decisions) of one model's default report on embs."""
+        nonlocal gen_n, gen_s
+        if decider is None:  # a model without a head: its free report is what a user gets
+            g_text, s_text, c, sec = generate_reports(eng, embs, args, seed, what)
+            s_lab = None if s_text is None else [labels(x) for x in s_text]
+            text, lab = pick_reports(g_text, labels(g_text), s_text, s_lab, args.decode, weights)
+            gen_n, gen_s = gen_n + c, gen_s + sec
+            return from_reports(lab, s_lab), text, lab, None
+        t0 = time.perf_counter()
+        decided = decide(decider, mean_features(embs))
+        print0(f"{what}: reports prompted with the findings head's decisions")
+        text, lab, c = prompted_reports(eng, embs, decided["codes"], decided["values"], labels, retries=args.samples,
+                                        temperature=args.temperature, seed=seed, top_k=args.top_k, **gen)
+        gen_n, gen_s = gen_n + c, gen_s + time.perf_counter() - t0
+        return from_head(decided, lab), text, lab, decided
+
+    systems["model"], texts["model"], model_labels, decided = model_system(engine, head, embeddings, args.seed, "model")
+    decoded = {}
+    if head is not None:
+        extra["fidelity"] = fidelity(model_labels, decided["codes"], decided["values"])
+        f = extra["fidelity"]
+        print0(f"fidelity: {fmt_share(f['findings']['agree'])} of prompted findings stated as prompted; "
+               + ", ".join(f"{t} within {f['tolerance']:g} in {fmt_share(f[t]['within'])}" for t in CONTINUOUS_TRAITS))
+        extra["calibration"] = calibration(np.stack([reference[t] for t in BINARY_TRAITS], 1).ravel(),
+                                           decided["prob"].ravel())
+        systems["head"] = from_head(decided)
+        g_text, s_text, c, sec = generate_reports(engine, embeddings, args, args.seed, "free")
+        gen_n, gen_s = gen_n + c, gen_s + sec
+        g_lab = labels(g_text)
+        s_lab = None if s_text is None else [labels(x) for x in s_text]
+        for decode in ("greedy", "consensus") if s_lab is not None else ("greedy",):
+            _, chosen = pick_reports(g_text, g_lab, s_text, s_lab, decode, weights)
+            decoded[decode] = score_traits(reference, chosen, None, args.bootstrap, args.seed)[1]["core_metric_hard"]
+        texts["free"], free_labels = pick_reports(g_text, g_lab, s_text, s_lab, args.decode, weights)
+        systems["free"] = from_reports(free_labels, s_lab)
+        print0("free report's hard Core Metric by decoding: " + ", ".join(f"{k} {v:.4f}" for k, v in decoded.items()))
     if base is not None:  # the same studies and seed, so the two models' reports differ only by their weights
-        base_text, base_samples, c, s = generate_reports(Engine(base[0], base[1]), embeddings, args, args.seed, "base")
-        gen_n, gen_s = gen_n + c, gen_s + s
+        systems["base"], texts["base"], _, _ = model_system(Engine(base[0], base[1]), base[2]["findings"], embeddings,
+                                                            args.seed, "base")
+    systems["prior"], texts["prior"], _, _ = model_system(engine, head, shuffled, args.seed + 1, "prior")
 
     print0(f"retrieval: the {args.knn} nearest training studies of each test study")
-    query = torch.stack([torch.from_numpy(e).mean(0) for e in embeddings]).to(device)
-    neighbours, _ = nearest_training_studies(ds, torch.nn.functional.normalize(query, dim=1), args.knn, device)
-    train_reports = ds.reports("train")
-    needed = np.unique(neighbours)  # only training studies that are someone's neighbour need labels
-    train = {t: np.full(len(train_reports), np.nan) for t in TRAITS}
-    for t, a in label_arrays(labels([train_reports[i] for i in needed])).items():
-        train[t][needed] = a
-    retrieval_text = [train_reports[i] for i in neighbours[:, 0]]
-    names = system_names(args.knn, base is not None)
-    weights = RewardWeights.from_labels(labels(train_reports[:args.weight_studies]))
-    model_sampled = None if model_samples is None else [labels(s) for s in model_samples]
-    prior_sampled = None if prior_samples is None else [labels(s) for s in prior_samples]
-    model_greedy, prior_greedy = labels(model_text), labels(prior_text)
-    decoded = {}  # the hard Core Metric of the model under each decoding, so the choice stays measured
-    for decode in ("greedy", "consensus") if model_sampled is not None else ("greedy",):
-        _, chosen = pick_reports(model_text, model_greedy, model_samples, model_sampled, decode, weights)
-        decoded[decode] = score_traits(reference, chosen, None, args.bootstrap, args.seed)[1]["core_metric_hard"]
-    model_text, model_labels = pick_reports(model_text, model_greedy, model_samples, model_sampled, args.decode, weights)
-    prior_text, prior_labels = pick_reports(prior_text, prior_greedy, prior_samples, prior_sampled, args.decode, weights)
-    if base is not None:
-        base_sampled = None if base_samples is None else [labels(s) for s in base_samples]
-        base_text, base_labels = pick_reports(base_text, labels(base_text), base_samples, base_sampled, args.decode,
-                                              weights)
-    print0("model's hard Core Metric by decoding: " + ", ".join(f"{k} {v:.4f}" for k, v in decoded.items()))
-    systems = {"model": from_reports(model_labels, model_sampled), "prior": from_reports(prior_labels, prior_sampled),
-               "retrieval": {"predicted": {t: train[t][neighbours[:, 0]] for t in TRAITS}, "score": None},
-               names[-1]: from_neighbours(train, neighbours)}
-    if base is not None:
-        systems["base"] = from_reports(base_labels, base_sampled)
+    query = torch.from_numpy(features).to(device)
+    neighbours, _ = nearest_training_studies(ds, query, args.knn, device)
+    texts["retrieval"] = [train_reports[i] for i in neighbours[:, 0]]
+    systems["retrieval"] = {"predicted": {t: train[t][neighbours[:, 0]] for t in TRAITS}, "score": None}
+    names = system_names(args.knn, head is not None, base is not None)
+    systems[names[-1]] = from_neighbours(train, neighbours, prevalence)
     t0 = time.perf_counter()
-    checked = {"model": model_text, "prior": prior_text, "retrieval": retrieval_text, "reference": refs,
-               **({"base": base_text} if base is not None else {})}
-    contradictions = {name: consistency.count(texts) for name, texts in checked.items()}
+    systems["probe"], extra["probe_studies"] = fit_probe(mean_features(ds.embeddings("train")), train, features,
+                                                         args.probe_studies, args.seed, prevalence)
+    print0(f"probe: fitted on {extra['probe_studies']:,} training studies in {time.perf_counter() - t0:.1f}s")
+
+    t0 = time.perf_counter()
+    checked = {name: texts[name] for name in consistency_sources(names) if name != "reference"}
+    checked["reference"] = refs
+    contradictions = {name: consistency.count(t) for name, t in checked.items()}
     consistency_rate = len(checked) * n / (time.perf_counter() - t0)
     print0(f"consistency: {len(checked) * n} reports checked at {consistency_rate:.0f} reports/s")
 
     print0(f"scoring: {args.bootstrap} bootstrap resamples")
     tables, summaries = [], {}
-    for name, system in systems.items():
-        table, summary = score_traits(reference, system["predicted"], system["score"], args.bootstrap, args.seed)
+    for name in names:
+        table, summary = score_traits(reference, systems[name]["predicted"], systems[name]["score"], args.bootstrap,
+                                      args.seed)
         tables.append(table.assign(system=name))
         summaries[name] = summary
     table = pd.concat(tables, ignore_index=True)
@@ -391,19 +555,21 @@ def main(argv=None):
                "core_metric_hard": {s: summaries[s]["core_metric_hard"] for s in names}, "knn_system": names[-1],
                "contradictions_per_1000": {s: contradictions[s]["per_1000"] for s in consistency_sources(names)},
                "contradictions": contradictions, "consistency_reports_per_s": round(consistency_rate, 1),
-               "decode": args.decode, "core_metric_hard_by_decoding": decoded,
+               "findings_head": head is not None, "fidelity": extra.get("fidelity"),
+               "calibration": extra.get("calibration"), "probe_studies": extra["probe_studies"],
+               "decode": args.decode, "free_core_metric_hard_by_decoding": decoded,
                "traits_na": summaries["model"]["traits_na"], "n_studies": n, "samples_k": args.samples,
                "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed, "knn": args.knn,
                "bootstrap": args.bootstrap, "prior": PRIOR_KIND,
                "rules": rules.source if rules else "echovlm.clinical", "elapsed_s": round(elapsed, 1),
                "generated_reports": gen_n, "generation_s": round(gen_s, 1),
-               "generation_reports_per_s": round(gen_n / gen_s, 2), "checkpoint": info["checkpoint"],
+               "generation_reports_per_s": round(gen_n / gen_s, 2) if gen_s else None, "checkpoint": info["checkpoint"],
                "step": info.get("step"), "dataset": str(dataset), "device": str(device),
                "base_checkpoint": base[2]["checkpoint"] if base is not None else None}
     results = {"summary": summary, "traits": json.loads(table.to_json(orient="records"))}
 
     try:
-        out = write_outputs(args, n, ids, refs, table, summaries, results, names, model_text, prior_text, retrieval_text)
+        out = write_outputs(args, n, ids, refs, table, summaries, results, names, texts, extra)
     except OSError as e:
         fail(SCRIPT, f"writing the evaluation failed ({e}); nothing was overwritten, free space or pass --out", 1)
     md = (out / "metrics.md").read_text()

@@ -1,0 +1,332 @@
+"""The findings head: what a study's embeddings say about each scored trait, decided before any text is written.
+
+From a study's clip embeddings (any number: their L2-normalised mean, as the retrieval baseline uses) a small
+network gives a probability for each of the 23 binary traits and a value for LVEF and PASP. It is trained on
+the cached study embeddings and the evaluator's labels of the reference reports (echovlm.labels), many passes
+with early stopping on the val split, so its optimisation is not bounded by the GPT's step budget: seconds on a
+CPU for 20k studies, a minute or two on a GPU for the 1.2M of the EchoPrime release.
+
+Why a separate head: the report writer learns findings only through the tokens that spell them, a weak and
+rare signal for a 2%-prevalence finding; a direct classifier on the same embeddings reads them far better (the
+probe baseline of scripts.test_inference). The head decides, the GPT states what it decided (findings-prompted
+generation, echovlm.gpt), and a clinician can override any decision before the report is written.
+
+Imbalance: the loss is plain (unweighted) cross-entropy, so the probabilities stay calibrated (the expected
+calibration error is reported); the decision for each trait is its probability against a threshold chosen on
+the val split to maximise balanced accuracy, which is where the imbalance is handled. A trait the rule set
+never settles in training (EchoPrime's rules do not define every trait) is unusable: its prompt says unknown.
+
+The values are regressed in standardised units (mean squared error over the studies whose report states one)
+and returned in the trait's units.
+"""
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from echovlm.gpt import ABSENT, PRESENT, STATED, UNKNOWN
+from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS
+
+NB, NV = len(BINARY_TRAITS), len(CONTINUOUS_TRAITS)
+# the range a user may set a value to with --finding (and the page's editor): physiological, not the parser's
+VALUE_RANGES = {"ejection_fraction": (5.0, 90.0), "pulmonary_artery_pressure_continuous": (5.0, 150.0)}
+ECE_BINS = 10
+
+
+def mean_features(embeddings) -> np.ndarray:
+    """(N, D) float32: each study's L2-normalised mean clip embedding, from one (k, D) array per study."""
+    x = np.stack([np.asarray(e, dtype=np.float32).reshape(-1, np.shape(e)[-1]).mean(0) for e in embeddings])
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@torch.no_grad()
+def split_features(split, chunk: int = 1 << 18) -> np.ndarray:
+    """mean_features of every study of a loader.DeviceSplit (its embeddings already on the device), a chunk of
+    studies at a time so that a 1.2M-study split never needs a float32 copy of all its rows."""
+    out = []
+    for a in range(0, len(split), chunk):
+        b = min(a + chunk, len(split))
+        lo, hi = int(split.emb_start[a]), int(split.emb_start[b - 1] + split.emb_len[b - 1])
+        owner = torch.repeat_interleave(torch.arange(b - a), torch.from_numpy(split.emb_len[a:b])).to(split.emb.device)
+        sums = torch.zeros(b - a, split.embed_dim, device=split.emb.device).index_add_(0, owner, split.emb[lo:hi].float())
+        out.append(F.normalize(sums, dim=1).cpu().numpy())
+    return np.concatenate(out)
+
+
+class FindingsHead(nn.Module):
+    """features (N, D) -> (logits (N, 23), standardised values (N, 2)): a linear map plus a one-hidden-layer
+    MLP beside it (hidden 0: linear only), on features standardised by the training split's statistics."""
+
+    def __init__(self, embed_dim: int, hidden: int):
+        super().__init__()
+        self.embed_dim, self.hidden = embed_dim, hidden
+        self.linear = nn.Linear(embed_dim, NB + NV)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, NB + NV)) if hidden else None
+        # set by fit(), saved with the weights
+        for name, size in (("x_mean", embed_dim), ("x_std", embed_dim), ("y_mean", NV), ("y_std", NV),
+                           ("thresholds", NB)):
+            self.register_buffer(name, torch.zeros(size) if "mean" in name or name == "thresholds" else torch.ones(size))
+        self.register_buffer("usable", torch.zeros(NB + NV, dtype=torch.bool))
+
+    def forward(self, x: torch.Tensor):
+        z = (x - self.x_mean) / self.x_std
+        out = self.linear(z) + (self.mlp(z) if self.mlp is not None else 0.0)
+        return out[:, :NB], out[:, NB:]
+
+    @torch.no_grad()
+    def predict(self, features: np.ndarray) -> dict:
+        """prob (N, 23), decision (N, 23) 0/1, value (N, 2) in the traits' units; NaN where a trait is unusable."""
+        self.eval()
+        dev = self.x_mean.device
+        logits, values = self(torch.as_tensor(np.asarray(features, dtype=np.float32), device=dev))
+        prob = torch.sigmoid(logits).cpu().numpy().astype(np.float64)
+        value = (values * self.y_std + self.y_mean).cpu().numpy().astype(np.float64)
+        usable = self.usable.cpu().numpy()
+        prob[:, ~usable[:NB]] = np.nan
+        value[:, ~usable[NB:]] = np.nan
+        decision = np.where(np.isnan(prob), np.nan, (prob >= self.thresholds.cpu().numpy()).astype(float))
+        return {"prob": prob, "decision": decision, "value": value}
+
+    def to_checkpoint(self) -> dict:
+        return {"embed_dim": self.embed_dim, "hidden": self.hidden, "state": self.state_dict(),
+                "traits": list(TRAITS)}
+
+    @staticmethod
+    def from_checkpoint(entry: dict, path) -> "FindingsHead":
+        if not isinstance(entry, dict) or entry.get("traits") != list(TRAITS):
+            raise ValueError(f"{path}: its findings head scores other traits than this version's; retrain the model")
+        try:
+            head = FindingsHead(int(entry["embed_dim"]), int(entry["hidden"]))
+            head.load_state_dict(entry["state"], strict=True)
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: its findings head does not load ({' '.join(str(e).split())[:200]}); the file "
+                             "was edited or damaged, use the run's other checkpoint or retrain") from None
+        return head.eval()
+
+
+# ------------------------------------------------------------------ prompts: labels or decisions -> prompt codes
+
+def prompt_codes(binary: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (N, 25) int64, values (N, 2) float32) for the GPT's findings prompt from binary labels (N, 23) and
+    values (N, 2), NaN meaning unknown (the report does not settle it / the rules do not define it)."""
+    binary, values = np.asarray(binary, dtype=np.float64), np.asarray(values, dtype=np.float32)
+    codes = np.where(np.isnan(binary), UNKNOWN, np.where(binary > 0.5, PRESENT, ABSENT))
+    codes = np.concatenate([codes, np.where(np.isnan(values), UNKNOWN, STATED)], axis=1).astype(np.int64)
+    return codes, values
+
+
+def label_prompts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts from an echovlm.labels matrix (N, 25) in TRAITS order: each report's own labels (training)."""
+    return prompt_codes(labels[:, :NB], labels[:, NB:])
+
+
+def parse_overrides(items: list[str], head: "FindingsHead | None" = None) -> dict[str, float]:
+    """{trait: value} from "name=value" strings (generate_report --finding, the page's editor). Raises ValueError
+    with one line for an unknown name, a duplicate, a value out of range or a trait the model's rules never
+    settled (so its head cannot have learned it)."""
+    out = {}
+    for item in items:
+        name, sep, raw = str(item).partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--finding {item!r}: expected NAME=VALUE, e.g. aortic_stenosis=1 or ejection_fraction=35")
+        if name not in TRAITS:
+            raise ValueError(f"--finding {name}: unknown finding; known: {', '.join(TRAITS)}")
+        if name in out:
+            raise ValueError(f"--finding {name} is given twice")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"--finding {name}={raw}: not a number") from None
+        if name in BINARY_TRAITS and value not in (0.0, 1.0):
+            raise ValueError(f"--finding {name}={raw}: a binary finding is 0 (absent) or 1 (present)")
+        if name in VALUE_RANGES:
+            lo, hi = VALUE_RANGES[name]
+            if not lo <= value <= hi:
+                raise ValueError(f"--finding {name}={raw}: out of range, expected {lo:g} to {hi:g}")
+        if head is not None and not bool(head.usable[list(TRAITS).index(name)]):
+            raise ValueError(f"--finding {name}: the rule set this model was trained with does not define it, so the "
+                             "model cannot state it")
+        out[name] = value
+    return out
+
+
+def decide(head: FindingsHead, features: np.ndarray, overrides: dict[str, float] | None = None) -> dict:
+    """The head's findings for each study, with overrides (trait -> value, the same for every study) replacing
+    its decisions: prob, decision, value as in predict(), plus codes/values (the GPT's prompt) and `edited`
+    (the overridden trait names)."""
+    out = head.predict(features)
+    binary, values = out["decision"].copy(), out["value"].copy()
+    for name, v in (overrides or {}).items():
+        if name in BINARY_TRAITS:
+            binary[:, BINARY_TRAITS.index(name)] = v
+        else:
+            values[:, CONTINUOUS_TRAITS.index(name)] = v
+    out["codes"], out["values"] = prompt_codes(binary, values)
+    out["decision"], out["value"] = binary, values
+    out["edited"] = sorted(overrides or {})
+    return out
+
+
+# ------------------------------------------------------------------ training
+
+def balanced_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The probability threshold with the highest balanced accuracy (mean of sensitivity and specificity) on
+    (y, p), over every cut between distinct probabilities, by sorting once; the cut's midpoint is returned."""
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    pos, neg = max(ys.sum(), 1), max((1 - ys).sum(), 1)
+    tp, fp = np.cumsum(ys), np.cumsum(1 - ys)  # predicting the top i + 1 studies positive
+    ba = 0.5 * (tp / pos + (neg - fp) / neg)
+    ba[:-1][ps[1:] == ps[:-1]] = -1.0  # a cut inside a run of equal probabilities cannot be made
+    j = int(np.argmax(ba))
+    return float(0.5 * (ps[j] + ps[j + 1]) if j + 1 < len(ps) else ps[j])
+
+
+def calibration(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """Expected calibration error over (study, trait) pairs and the reliability table (equal-width bins)."""
+    ok = ~np.isnan(y) & ~np.isnan(p)
+    y, p = y[ok], p[ok]
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    table = []
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            table.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(m.sum()),
+                          "mean_prob": float(p[m].mean()), "frequency": float(y[m].mean())})
+            ece += m.sum() / len(p) * abs(p[m].mean() - y[m].mean())
+    return {"ece": float(ece), "pairs": int(len(p)), "bins": table}
+
+
+def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, hidden: int = 256,
+             epochs: int = 100, batch_size: int = 512, lr: float = 3e-3, weight_decay: float = 0.01,
+             patience: int = 10, seed: int = 0, device="cpu", log=print) -> tuple[FindingsHead, dict]:
+    """Train a FindingsHead on (features, labels) with labels (N, 25) in TRAITS order (NaN = unsettled), keep the
+    epoch with the lowest val loss, set the decision thresholds on val. Returns (head on CPU, summary)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    xt, xv = (torch.as_tensor(np.asarray(a, dtype=np.float32), device=dev) for a in (train_x, val_x))
+    yt, yv = (torch.as_tensor(np.asarray(a, dtype=np.float32), device=dev) for a in (train_y, val_y))
+    head = FindingsHead(xt.shape[1], hidden).to(dev)
+    head.x_mean.copy_(xt.mean(0))
+    head.x_std.copy_(xt.std(0).clamp(min=1e-6))
+    settled = ~torch.isnan(yt)
+    # a trait needs both classes (binary) or a few values (continuous) in training to be learned at all
+    usable = torch.cat([(settled[:, :NB] & (yt[:, :NB] > 0.5)).any(0) & (settled[:, :NB] & (yt[:, :NB] < 0.5)).any(0),
+                        settled[:, NB:].sum(0) >= 10])
+    head.usable.copy_(usable)
+    for j in range(NV):
+        v = yt[settled[:, NB + j], NB + j]
+        if len(v) >= 2:
+            head.y_mean[j], head.y_std[j] = v.mean(), v.std().clamp(min=1e-6)
+
+    def loss_of(x, y):
+        logits, values = head(x)
+        ok_b = ~torch.isnan(y[:, :NB]) & usable[:NB]
+        lb = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y[:, :NB]), reduction="none")
+        z = (y[:, NB:] - head.y_mean) / head.y_std
+        ok_v = ~torch.isnan(z) & usable[NB:]
+        lv = (values - torch.nan_to_num(z)).square()
+        # each trait counts equally, whatever share of studies settle it
+        per_trait = torch.cat([(lb * ok_b).sum(0) / ok_b.sum(0).clamp(min=1), (lv * ok_v).sum(0) / ok_v.sum(0).clamp(min=1)])
+        return per_trait.sum() / usable.sum().clamp(min=1)
+
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    best, best_state, best_epoch, history = float("inf"), None, -1, []
+    n = len(xt)
+    for epoch in range(epochs):
+        head.train()
+        perm = torch.randperm(n, generator=gen).to(dev)
+        for s in range(0, n, batch_size):
+            idx = perm[s:s + batch_size]
+            loss = loss_of(xt[idx], yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            val = float(loss_of(xv, yv))
+        history.append(val)
+        if not np.isfinite(val):
+            raise ValueError(f"the findings head's val loss became {val} at epoch {epoch}: the embeddings hold NaN/inf "
+                             "or the labels are damaged")
+        if val < best - 1e-5:
+            best, best_epoch = val, epoch
+            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        elif epoch - best_epoch >= patience:
+            break
+    head.load_state_dict(best_state)
+    head = head.cpu().eval()
+    pred = head.predict(val_x)
+    vy = np.asarray(val_y, dtype=np.float64)
+    thresholds = []
+    for j in range(NB):
+        ok = ~np.isnan(vy[:, j])
+        y, p = vy[ok, j], pred["prob"][ok, j]
+        good = bool(head.usable[j]) and 0 < y.sum() < len(y)
+        thresholds.append(balanced_threshold(y, p) if good else float(np.nanmean(train_y[:, j]) if head.usable[j] else 0.5))
+    head.thresholds.copy_(torch.tensor(thresholds))
+    summary = {"epochs": len(history), "best_epoch": best_epoch, "val_loss": best, "hidden": hidden,
+               "train_studies": int(n), "usable": [t for t, u in zip(TRAITS, head.usable.tolist()) if u],
+               "thresholds": dict(zip(BINARY_TRAITS, thresholds)),
+               "val_calibration": calibration(vy[:, :NB].ravel(), pred["prob"].ravel())}
+    log(f"findings head: {len(history)} epochs over {n:,} studies (best val loss {best:.4f} at epoch {best_epoch}), "
+        f"{int(head.usable.sum())}/{NB + NV} traits usable, val ECE {summary['val_calibration']['ece']:.4f}")
+    return head, summary
+
+
+# ------------------------------------------------------------------ the report states what was decided
+
+def misstated(labels: dict, codes: np.ndarray, values: np.ndarray, tolerance: float = 2.0) -> int:
+    """How many prompted findings one report's extracted labels (extract_labels) do not state as prompted: a
+    binary trait with another label, a value absent or more than `tolerance` from the prompted one."""
+    wrong = 0
+    for j, t in enumerate(BINARY_TRAITS):
+        if codes[j] != UNKNOWN and labels.get(t) != (1 if codes[j] == PRESENT else 0):
+            wrong += 1
+    for j, t in enumerate(CONTINUOUS_TRAITS):
+        if codes[NB + j] != UNKNOWN and (labels.get(t) is None or abs(labels[t] - values[j]) > tolerance):
+            wrong += 1
+    return wrong
+
+
+def fidelity(labels: list[dict], codes: np.ndarray, values: np.ndarray, tolerance: float = 2.0) -> dict:
+    """How faithfully reports state their prompts: the share of prompted (study, binary finding) pairs whose
+    extracted label equals the prompt, and per value the share of reports stating it within `tolerance`."""
+    out = {"tolerance": tolerance}
+    agree = [labels[i].get(t) == (1 if codes[i, j] == PRESENT else 0)
+             for i in range(len(labels)) for j, t in enumerate(BINARY_TRAITS) if codes[i, j] != UNKNOWN]
+    out["findings"] = {"pairs": len(agree), "agree": float(np.mean(agree)) if agree else None}
+    for j, t in enumerate(CONTINUOUS_TRAITS):
+        rows = [i for i in range(len(labels)) if codes[i, NB + j] != UNKNOWN]
+        diff = [abs(labels[i][t] - values[i, j]) if labels[i].get(t) is not None else np.inf for i in rows]
+        out[t] = {"reports": len(rows), "within": float(np.mean(np.array(diff) <= tolerance)) if rows else None,
+                  "not_stated": int(np.sum(np.isinf(diff)))}
+    return out
+
+
+def prompted_reports(engine, embeddings, codes: np.ndarray, values: np.ndarray, label, retries: int = 4,
+                     temperature: float = 1.0, seed: int = 0, **generate) -> tuple[list[str], list[dict], int]:
+    """(texts, their labels, reports generated): the greedy report for each study's prompt; where it misstates a
+    prompted finding, `retries` sampled reports too, keeping the candidate that misstates fewest (the greedy one
+    on a tie). label(list of texts) -> list of label dicts is the evaluator the prompt was decided with."""
+    texts = [s[0] for s in engine.generate_text(embeddings, prompts=(codes, values), temperature=0.0, **generate)]
+    labels = label(texts)
+    wrong = np.array([misstated(lab, codes[i], values[i]) for i, lab in enumerate(labels)])
+    redo = np.flatnonzero(wrong > 0)
+    generated = len(texts)
+    if retries > 0 and len(redo):
+        sampled = engine.generate_text([embeddings[i] for i in redo], prompts=(codes[redo], values[redo]),
+                                       temperature=temperature, num_samples=retries, seed=seed, **generate)
+        generated += len(redo) * retries
+        for i, cands in zip(redo, sampled):
+            cand_labels = label(cands)
+            miss = [misstated(lab, codes[i], values[i]) for lab in cand_labels]
+            j = int(np.argmin(miss))
+            if miss[j] < wrong[i]:
+                texts[i], labels[i], wrong[i] = cands[j], cand_labels[j], miss[j]
+    return texts, labels, generated
