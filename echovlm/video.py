@@ -3,7 +3,8 @@
 A clip is what the EchoPrime video encoder was trained on, a (3, 16, 224, 224) float32 tensor:
 
   1. decode the frames as uint8 RGB (F, H, W, 3): all of them where the mask needs them, else the first 32;
-     grayscale (MONOCHROME1/2) is repeated to 3 channels, palette colour looked up, YBR converted
+     grayscale (MONOCHROME1/2) is repeated to 3 channels, palette colour looked up, YBR converted. The size the
+     file declares is checked first (MAX_FRAME_PIXELS, MAX_DECODED_BYTES): a few kilobytes can decode to gigabytes
   2. DICOM only: blank everything outside the ultrasound sector (see `sector_mask`)
   3. per frame: centre-crop to a square, cut 10% of that square from each side, resize to 224x224 with
      cv2.INTER_CUBIC on uint8 pixels (EchoPrime's `crop_and_scale`, in that order)
@@ -35,6 +36,7 @@ this repository.
 """
 
 import os
+import zlib
 from pathlib import Path
 
 import av
@@ -42,7 +44,9 @@ import cv2
 import numpy as np
 import pydicom
 import torch
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import apply_color_lut
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from torchvision.models import convnext_base
 from torchvision.models.video import mvit_v2_s
 from tqdm import tqdm
@@ -64,6 +68,12 @@ VIDEO_SUFFIXES = {".avi", ".mp4"}
 # Low on purpose: the dim far field at the fan's edges (grey ~1-10) moves by little more than 1, and at 2.0
 # a real echo lost a quarter of its fan; the opening below removes the JPEG noise that gets through on text
 MOTION_THRESHOLD = 1.0
+# Decoding limits, checked before any pixel is decoded: a file of a few kilobytes can declare (and, deflated or
+# as H.264 of a flat image, really hold) gigabytes of pixels. Echo machines export 1024x768 or smaller frames,
+# screen captures 1920x1080; a few hundred frames at most. Refusing beyond these keeps one upload from taking
+# the server's memory, and real studies never reach them.
+MAX_FRAME_PIXELS = 3840 * 2160  # one frame: a 4K screen
+MAX_DECODED_BYTES = 1 << 30  # all decoded frames of one file as uint8 RGB: 455 frames of 1024x768
 MIN_SECTOR_FRACTION = 0.01  # a "sector" smaller than 1% of the frame means we found no image at all
 RELEASE_HINT = ("it comes from the EchoPrime v1.0.0 release asset model_data.zip "
                 "(https://github.com/echonet/EchoPrime/releases/tag/v1.0.0); "
@@ -116,18 +126,66 @@ def _to_uint8(arr: np.ndarray, bits_stored: int) -> np.ndarray:
     return np.round(arr.astype(np.float32) * (255.0 / (2 ** bits_stored - 1))).clip(0, 255).astype(np.uint8)
 
 
+def _mb(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MB"
+
+
+def _budget() -> str:
+    return f"{MAX_DECODED_BYTES >> 30} GB" if MAX_DECODED_BYTES >= 1 << 30 else f"{MAX_DECODED_BYTES >> 20} MB"
+
+
+def check_size(n_frames: int, rows: int, cols: int):
+    """Refuse, before decoding, frames or a frame count beyond MAX_FRAME_PIXELS / MAX_DECODED_BYTES."""
+    if rows * cols > MAX_FRAME_PIXELS:
+        raise VideoError(f"frames of {rows}x{cols} pixels are larger than this reader decodes (at most "
+                         f"{MAX_FRAME_PIXELS:,} pixels a frame, 3840x2160); export the clip at the scanner's resolution")
+    if n_frames * rows * cols * 3 > MAX_DECODED_BYTES:
+        raise VideoError(f"{n_frames} frames of {rows}x{cols} pixels would decode to {_mb(n_frames * rows * cols * 3)}, "
+                         f"more than the {_budget()} this reader decodes from one file (at most "
+                         f"{MAX_DECODED_BYTES // (rows * cols * 3)} frames at this size); export a shorter clip")
+
+
+def _check_inflated_size(path: Path):
+    """A deflated DICOM is inflated whole by pydicom before its header can be read: count the inflated bytes
+    first, a chunk at a time, so a tiny file that inflates to gigabytes is refused without holding them."""
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        _read_file_meta_info(f)  # leaves f at the deflated dataset (pydicom's own reader does the same)
+        inflate, size = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while data := inflate.unconsumed_tail or f.read(1 << 20):
+            size += len(inflate.decompress(data, 1 << 24))
+            if size > MAX_DECODED_BYTES:
+                raise VideoError(f"the deflated DICOM inflates to more than {_budget()}, more than this reader "
+                                 "decodes from one file; export the clip uncompressed or as JPEG")
+
+
 def read_dicom(path) -> np.ndarray:
-    """A multi-frame ultrasound DICOM as uint8 RGB frames (F, H, W, 3)."""
+    """A multi-frame ultrasound DICOM as uint8 RGB frames (F, H, W, 3); its size is checked on the header first."""
+    try:
+        if _has_dicom_preamble(path) and pydicom.filereader.read_file_meta_info(path).get(
+                "TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            _check_inflated_size(path)
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except VideoError:
+        raise
+    except Exception as e:  # malformed files raise anything from InvalidDicomError to struct.error
+        raise VideoError(f"not a readable DICOM file ({type(e).__name__}: {e})") from e
+    try:
+        n_frames = int(header.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        raise VideoError(f"malformed NumberOfFrames {header.get('NumberOfFrames')!r}") from None
+    try:
+        rows, cols = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+    except (TypeError, ValueError):
+        raise VideoError(f"malformed Rows/Columns {header.get('Rows')!r}/{header.get('Columns')!r}") from None
+    if n_frames >= 2 and rows > 0 and cols > 0:  # without pixel data or frames, the messages below say why
+        check_size(n_frames, rows, cols)  # pydicom decodes the frames and the size the header declares
     try:
         ds = pydicom.dcmread(path)
-    except Exception as e:  # malformed files raise anything from InvalidDicomError to struct.error
+    except Exception as e:
         raise VideoError(f"not a readable DICOM file ({type(e).__name__}: {e})") from e
     if "PixelData" not in ds:
         raise NotAVideo("no pixel data (a structured report or another non-image object), not a video")
-    try:
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        raise VideoError(f"malformed NumberOfFrames {ds.get('NumberOfFrames')!r}") from None
     if n_frames < 2:
         raise NotAVideo("a single frame (still image), not a video")
     photometric = ds.get("PhotometricInterpretation")
@@ -153,15 +211,25 @@ def read_dicom(path) -> np.ndarray:
 
 
 def read_video_file(path, max_frames: int | None = None) -> np.ndarray:
-    """An AVI/MP4 (anything FFmpeg reads) as uint8 RGB frames (F, H, W, 3), the first max_frames if given."""
+    """An AVI/MP4 (anything FFmpeg reads) as uint8 RGB frames (F, H, W, 3), the first max_frames if given.
+
+    The frame size and count the container declares are checked before decoding, and the frames decoded so far
+    while decoding (a container may not know its frame count, or may lie about it)."""
     frames = []
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise NotAVideo("no video stream in the file")
             stream = container.streams.video[0]
+            rows, cols = stream.codec_context.height, stream.codec_context.width
+            declared = stream.frames or 2  # 0 when the container does not say; a video has 2 at least
+            if rows > 0 and cols > 0:
+                check_size(min(declared, max_frames or declared), rows, cols)
+            # the decoder itself refuses a larger frame later in the stream (its resolution can change)
+            stream.codec_context.options = {"max_pixels": str(MAX_FRAME_PIXELS)}
             stream.thread_type = "AUTO"  # frame-parallel decoding; the default decodes on one core
             for frame in container.decode(stream):
+                check_size(len(frames) + 1, frame.height, frame.width)
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if len(frames) == max_frames:  # unmasked clips need only the first 32 frames
                     break
@@ -264,6 +332,12 @@ def load_clip(path, mask: bool | None = None) -> torch.Tensor:
     return preprocess(read_frames(path, None if mask else FRAMES_TAKEN), mask)
 
 
+def few_reasons(skipped, shown: int = 5) -> str:
+    """The first files' reasons and how many more: a study of 1000 non-videos is not a 200 KB message."""
+    text = "; ".join(f"{p}: {r}" for p, r in skipped[:shown])
+    return text + (f"; and {len(skipped) - shown} more" if len(skipped) > shown else "")
+
+
 def load_study(paths, mask: bool | None = None, progress: bool = False, on_file=None):
     """Clips of all usable videos of one study.
 
@@ -284,8 +358,7 @@ def load_study(paths, mask: bool | None = None, progress: bool = False, on_file=
         if on_file is not None:
             on_file(i + 1, len(paths), Path(path), reason)
     if not clips:
-        reasons = "; ".join(f"{p}: {r}" for p, r in skipped) or "no files given"
-        raise VideoError(f"no usable echo video in this study ({reasons})")
+        raise VideoError(f"no usable echo video in this study ({few_reasons(skipped) or 'no files given'})")
     return torch.stack(clips), kept, skipped
 
 

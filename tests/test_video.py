@@ -263,6 +263,77 @@ def test_non_videos_are_skipped_with_a_reason(tmp_path):
         video.load_study([single, garbage])
 
 
+def test_load_study_message_lists_a_few_files():
+    # a folder of 1000 non-videos must not become a message of hundreds of kilobytes on the page
+    paths = [Path(f"/nowhere/clip{i:04d}.dcm") for i in range(1000)]
+    with pytest.raises(video.VideoError) as e:
+        video.load_study(paths)
+    message = str(e.value)
+    assert "clip0000.dcm: no such file" in message and "and 995 more" in message and len(message) < 1000
+
+
+# ------------------------------------------------------------------------------------------------ size limits
+def test_dicom_frames_too_large_are_refused_from_the_header(tmp_path):
+    # the header says 5000 x 5000 pixels a frame; a tiny JPEG stands in for each frame: the refusal comes from
+    # the header, before any pixel is decoded
+    path = write_dicom(tmp_path / "huge.dcm", echo_frames(n=2, ecg=False), jpeg=True)
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 5000, 5000
+    ds.save_as(path)
+    with pytest.raises(video.VideoError, match=r"frames of 5000x5000 pixels are larger than .* 3840x2160"):
+        video.load_clip(path)
+
+
+def test_dicom_too_many_frames_are_refused_from_the_header(tmp_path):
+    path = write_dicom(tmp_path / "long.dcm", echo_frames(n=2, ecg=False), jpeg=True)
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 20000  # 20000 frames of 256 x 320: 4.6 GB as RGB
+    ds.save_as(path)
+    with pytest.raises(video.VideoError, match=r"20000 frames of 256x320 pixels would decode to 4.6 GB, more than "
+                                               r"the 1 GB .*at most 4369 frames"):
+        video.load_clip(path)
+
+
+def test_deflated_dicom_bomb_is_refused_before_inflating(tmp_path, monkeypatch):
+    # deflate shrinks a still, dark echo a thousandfold: the inflated size is counted, chunk by chunk, before
+    # pydicom inflates the whole file into memory. A 4 MB budget here stands in for the real 1 GB.
+    frames = np.zeros((24, H, W, 3), np.uint8)  # 5.9 MB of pixels
+    frames[:, 100:110, 150:160] = np.arange(24)[:, None, None, None] * 10
+    path = write_dicom(tmp_path / "bomb.dcm", frames)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 100_000
+    assert video.read_frames(path).shape == (24, H, W, 3)  # within the real budget: read as before
+    monkeypatch.setattr(video, "MAX_DECODED_BYTES", 4 << 20)
+    with pytest.raises(video.VideoError, match=r"deflated DICOM inflates to more than 4 MB"):
+        video.read_frames(path)
+
+
+def test_video_frames_too_large_are_refused_before_decoding(tmp_path):
+    # like the 24 KB MP4 of issue 17 that took 5.2 GB to decode: two flat 4096x4096 frames are a 5 KB file
+    path = tmp_path / "huge.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width = stream.height = 4096
+        stream.pix_fmt, stream.options = "yuv420p", {"preset": "ultrafast"}
+        frame = av.VideoFrame.from_ndarray(np.zeros((4096, 4096, 3), np.uint8), format="rgb24")
+        for _ in range(2):
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with pytest.raises(video.VideoError, match=r"frames of 4096x4096 pixels are larger than .* 3840x2160"):
+        video.load_clip(path)
+
+
+def test_long_masked_video_is_refused_while_decoding(tmp_path, monkeypatch):
+    path = write_video(tmp_path / "long.avi", echo_frames(n=40, ecg=False), "mjpeg")
+    # unmasked, only the 32 frames the clip keeps are decoded (7.5 MB), within a 9 MB budget; masked, all 40 (9.4 MB)
+    monkeypatch.setattr(video, "MAX_DECODED_BYTES", 9 << 20)
+    assert video.load_clip(path, mask=False).shape == (3, 16, 224, 224)
+    with pytest.raises(video.VideoError, match=r"frames of 256x320 pixels would decode to .* more than the 9 MB"):
+        video.load_clip(path, mask=True)  # the mask needs every frame
+
+
 def test_find_videos(tmp_path):
     study = tmp_path / "study"
     (study / "series1").mkdir(parents=True)
