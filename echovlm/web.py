@@ -69,6 +69,8 @@ def markdown_html(md: str, image_url) -> str:
                 if not all(re.fullmatch(r":?-+:?", c) for c in cells):
                     rows.append(cells)
                 i += 1
+            if not rows:  # only separator lines: nothing to show (and no header row to index)
+                continue
             head, body = rows[0], rows[1:]
             out.append("<table><tr>" + "".join(f"<th>{_inline(c, image_url)}</th>" for c in head) + "</tr>"
                        + "".join("<tr>" + "".join(f"<td>{_inline(c, image_url)}</td>" for c in r) + "</tr>" for r in body)

@@ -10,17 +10,23 @@ A study is the uploaded files or a test-split study of the run's dataset; the re
 echovlm/study_report.py, the same code as scripts.generate_report, so the page and the CLI agree.
 
 Safety: binds 127.0.0.1 unless --host says otherwise (the page has no login: only bind other addresses on a
-network you trust); uploads above --max-upload-mb are refused with a message; each request's files go into
-its own temporary directory, under names the server makes (an uploaded file name is only ever shown, never
-used as a path), deleted when the report is written; a file that is not a usable video is a message on its
-card. The run page shows only runs listed under --runs-dir and only PNG files inside them. Ctrl-C stops it.
+network you trust); answers only requests whose Host is a name it is bound to (DNS rebinding gets a 421) and
+refuses a POST from a page of another site (403); uploads above --max-upload-mb are refused with a message,
+chunked ones as soon as the count passes it; each request's files go into its own temporary directory, under
+names the server makes (an uploaded file name is only ever shown, never used as a path), deleted when the
+report is written; a file that is not a usable video, or whose header declares more pixels than
+echovlm/video.py decodes, is a message on its card. The run page shows only runs listed under --runs-dir and
+only PNG files inside them. Ctrl-C stops it.
 """
 
 import argparse
+import ipaddress
 import logging
+import math
 import queue
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -28,12 +34,13 @@ import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
 from echovlm import web
@@ -41,16 +48,33 @@ from echovlm.clinical import TRAITS, extract_labels
 from echovlm.common import autodetect_device, fail, print0
 from echovlm.report import build_card
 from echovlm.study_report import VIDEO_SOURCES, Reporter, ReportError, evidence, markdown
+from echovlm.video import few_reasons
 
 SUFFIXES = {".dcm", ".dicom", ".avi", ".mp4"}  # kept on the server's own file names: they choose the reader
 KEEP_JOBS = 20  # finished requests kept in memory (their page and downloads)
 MAX_FILES = 1000  # per upload: a study has tens of clips
 CHUNK = 1 << 20
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+EVERY_INTERFACE = {"0.0.0.0", "::"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 log = logging.getLogger("echovlm.serve")
 
 
 def error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def upload_name(up: UploadFile) -> str | None:
+    """The file name as sent, decoded as UTF-8 with replacement characters where the bytes are not UTF-8.
+
+    Starlette falls back to Latin-1, which shows a name in any other encoding as mojibake; the raw bytes are
+    still in the part's Content-Disposition header. The name is only ever shown, never used as a path."""
+    for key, value in up.headers.raw:
+        if key.lower() == b"content-disposition":
+            raw = parse_options_header(value)[1].get(b"filename")
+            if raw is not None:
+                return raw.decode("utf-8", errors="replace")
+    return up.filename
 
 
 def display_name(name: str | None, i: int) -> str:
@@ -66,6 +90,59 @@ def run_root(run: Path) -> Path:
         if (d / "report.md").is_file() or (d / "steps.tsv").is_file():
             return d
     return run
+
+
+class HostGuard:
+    """Refuses a request for a host name the server is not bound to, and a state-changing request from a page
+    of another site.
+
+    DNS rebinding: a site whose name is made to resolve to 127.0.0.1 reaches this server from the visitor's
+    browser with its own name as Host, and could then read the page and the reports. Cross-site submission: any
+    page may POST a multipart form to any address (browsers send no CORS preflight for it), with an Origin
+    header naming that page. The page itself sends the server's own origin; curl and scripts send none.
+    """
+
+    def __init__(self, app, host: str):
+        self.app = app
+        self.every_interface = host in EVERY_INTERFACE
+        self.names = LOOPBACK | {host.strip("[]").lower()} - EVERY_INTERFACE
+        if self.every_interface:  # then it is reached by any of the machine's addresses or its own names
+            self.names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+
+    def allowed(self, host: str) -> bool:
+        # the port is not compared: an ssh tunnel (-L 9000:localhost:8000) keeps the name and changes it
+        try:
+            name = (urlsplit("//" + host).hostname or "").rstrip(".")
+        except ValueError:  # "[::1" and such
+            return False
+        if name in self.names:
+            return True
+        try:
+            ipaddress.ip_address(name)  # an address literal cannot be rebound to another machine
+            return self.every_interface
+        except ValueError:
+            return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            host, origin = headers.get("host"), headers.get("origin")
+            refusal = None
+            if host is not None and not self.allowed(host):
+                refusal = error(f"this server answers to {', '.join(sorted(self.names))}, not to Host {host[:100]!r}; "
+                                "open it by one of those names (serve's --host sets the one it listens on)", 421)
+            elif origin is not None and scope["method"] not in SAFE_METHODS and \
+                    (host is None or origin.lower().partition("://")[2] != host.lower()):
+                refusal = error(f"a page of another site ({origin[:100]}) may not send requests to this server; "
+                                "use the page the server itself serves", 403)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class TooBig(Exception):
+    """The request body went over --max-upload-mb while it was being read."""
 
 
 class Job:
@@ -144,7 +221,7 @@ class Service:
             videos = [f["disk"] for f in job.files if not f.get("reason")]
             if job.files and not videos:
                 raise ReportError("no usable echo video in this study: " +
-                                  "; ".join(f"{f['name']}: {f['reason']}" for f in job.files))
+                                  few_reasons([(f["name"], f["reason"]) for f in job.files]))
             out = self.reporter.report(videos=videos or None, study=job.study, conditioning=job.conditioning,
                                        video_batch=self.video_batch, allow_synthetic_model=self.allow,
                                        progress=progress)
@@ -197,7 +274,8 @@ class Service:
 
 
 def make_app(reporter: Reporter, runs_dir: Path, current_run: Path, max_upload_mb: float,
-             allow_synthetic_model: bool = False, video_batch: int = 8) -> FastAPI:
+             allow_synthetic_model: bool = False, video_batch: int = 8, host: str = "127.0.0.1") -> FastAPI:
+    """host: the address it listens on; only requests for it (and the loopback names) are answered."""
     limit = int(max_upload_mb * (1 << 20))
     service = Service(reporter, allow_synthetic_model, video_batch)
     runs_dir = runs_dir.resolve()
@@ -209,6 +287,7 @@ def make_app(reporter: Reporter, runs_dir: Path, current_run: Path, max_upload_m
 
     app = FastAPI(title="echovlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
+    app.add_middleware(HostGuard, host=host)
 
     def info() -> dict:
         try:
@@ -251,11 +330,29 @@ def make_app(reporter: Reporter, runs_dir: Path, current_run: Path, max_upload_m
                 return error(too_big, 413)
         except ValueError:
             return error("a malformed Content-Length header", 400)
+        received = 0
+
+        async def counted():
+            # a chunked upload has no Content-Length: count while the body streams in and stop reading as soon
+            # as it is over, which also makes the form parser close (and so delete) its temporary files
+            nonlocal received
+            message = await request.receive()
+            received += len(message.get("body", b""))
+            if received > limit + CHUNK:  # + the form's own bytes
+                raise TooBig
+            return message
+
         try:
-            form = await request.form(max_files=MAX_FILES)
+            form = await Request(request.scope, counted).form(max_files=MAX_FILES)
+        except TooBig:
+            return error(too_big, 413)
         except Exception as e:  # not multipart, too many files, a broken body
             return error(f"the upload could not be read as a form ({e}); send the files as multipart/form-data", 400)
         try:
+            for field in ("study", "conditioning"):
+                if any(isinstance(v, UploadFile) for v in form.getlist(field)):
+                    return error(f"{field} must be {'a test study number' if field == 'study' else 'snap or direct'}, "
+                                 f"not a file; send the videos in the field 'files'", 400)
             conditioning = form.get("conditioning") or "snap"
             if conditioning not in ("snap", "direct"):
                 return error(f"conditioning must be snap or direct, got {conditioning!r}", 400)
@@ -274,7 +371,7 @@ def make_app(reporter: Reporter, runs_dir: Path, current_run: Path, max_upload_m
                 job.dir = Path(tempfile.mkdtemp(prefix="echovlm-serve-"))
                 total = 0
                 for i, up in enumerate(uploads):
-                    name = display_name(up.filename, i)
+                    name = display_name(upload_name(up), i)
                     suffix = Path(name.replace("\\", "/").split("/")[-1]).suffix.lower()
                     disk = job.dir / f"{i:04d}{suffix if suffix in SUFFIXES else ''}"
                     size = 0
@@ -364,8 +461,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         fail("serve", f"--port must be 0-65535, got {args.port}")
-    if not args.max_upload_mb > 0:
-        fail("serve", f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):  # before the model loads: seconds
+        fail("serve", f"--max-upload-mb must be a finite number of MB > 0, got {args.max_upload_mb}")
     if args.video_batch is not None and args.video_batch < 1:
         fail("serve", f"--video-batch must be >= 1, got {args.video_batch}")
     try:
@@ -385,7 +482,7 @@ def main(argv=None):
     root = run_root(Path(args.run))
     runs_dir = Path(args.runs_dir) if args.runs_dir else root.parent
     batch = args.video_batch or (8 if device.type == "cuda" else 1)
-    app = make_app(reporter, runs_dir, root, args.max_upload_mb, args.allow_synthetic_model, batch)
+    app = make_app(reporter, runs_dir, root, args.max_upload_mb, args.allow_synthetic_model, batch, args.host)
     print0(f"serving {root.name} on http://{args.host}:{args.port} (Ctrl-C stops)")
     # uvicorn turns Ctrl-C / SIGTERM into a graceful shutdown, which runs the app's lifespan end (temp dirs go)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -6,6 +6,8 @@ the real weights, so every byte of the upload path runs; only the embeddings mea
 tiny synthetic one of tests/conftest.py, so the server runs with --allow-synthetic-model.
 """
 
+import asyncio
+import json
 import os
 import shutil
 import socket
@@ -22,12 +24,13 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from echovlm import report as report_card
-from echovlm import video
+from echovlm import video, web
 from echovlm.clinical import TRAITS
 from echovlm.study_report import Reporter
 from scripts import serve, test_inference
 
 SHARED_CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "echo_clips"
+LOCAL = "http://127.0.0.1:8000"  # the test client's Host: the server answers only to the names it is bound to
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,7 @@ def reporter(run_with_card, echoprime_dir):
 def client(reporter, run_with_card):
     run = run_with_card[0]
     app = serve.make_app(reporter, run.parent, run, max_upload_mb=5, allow_synthetic_model=True, video_batch=2)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         yield c
 
 
@@ -135,7 +138,7 @@ def test_bad_uploads_are_messages_on_their_cards(client, tmp_path):
 
 def test_synthetic_model_refuses_videos_without_the_flag(reporter, run_with_card, make_video, tmp_path):
     run = run_with_card[0]
-    with TestClient(serve.make_app(reporter, run.parent, run, max_upload_mb=5)) as strict:
+    with TestClient(serve.make_app(reporter, run.parent, run, max_upload_mb=5), base_url=LOCAL) as strict:
         assert "uploaded videos are refused" in strict.get("/api/info").json()["warnings"][0]
         clip = make_video(tmp_path / "a.mp4", 4, 0).read_bytes()
         job = wait(strict, post(strict, files=[("files", ("a.mp4", clip, "video/mp4"))]).json()["id"])
@@ -146,6 +149,167 @@ def test_over_the_size_limit(client):
     created = post(client, files=[("files", ("big.mp4", b"\0" * (7 << 20), "video/mp4"))])
     assert created.status_code == 413 and "limit of 5 MB" in created.json()["error"]
     assert "--max-upload-mb" in created.json()["error"]
+
+
+def asgi_post(app, chunks, headers: dict) -> tuple[int, dict, int]:
+    """POST /api/jobs straight into the ASGI app, the body a chunk at a time as a server receives a chunked
+    upload (the test client reads the whole body first); -> (status, JSON answer, body bytes the app took)."""
+    taken, sent = 0, []
+
+    async def receive():
+        nonlocal taken
+        chunk = next(chunks, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        taken += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/jobs", "raw_path": b"/api/jobs", "query_string": b"", "root_path": "",
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")), taken
+
+
+def open_temp_files() -> set[str]:
+    """This process's open files in the temp folder (the multipart parser's spooled uploads are unlinked ones)."""
+    temp, found = tempfile.gettempdir(), set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(temp):
+            found.add(target)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_chunked_upload_is_refused_at_the_limit(client):
+    # no Content-Length: the limit (5 MB) can only be enforced by counting while the body streams in
+    def body(mb):
+        yield (b'--b0undary\r\nContent-Disposition: form-data; name="files"; filename="big.mp4"\r\n'
+               b"Content-Type: video/mp4\r\n\r\n")
+        for _ in range(mb):
+            yield b"\0" * (1 << 20)
+        yield b"\r\n--b0undary--\r\n"
+
+    before_files = open_temp_files()
+    before_dirs = {p for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("echovlm-serve-")}
+    headers = {"host": "127.0.0.1:8000", "content-type": "multipart/form-data; boundary=b0undary"}
+    status, answer, taken = asgi_post(client.app, body(64), headers)
+    assert status == 413 and "limit of 5 MB" in answer["error"]
+    assert taken <= 7 << 20, f"read {taken / 2**20:.0f} MB of a 64 MB upload against a 5 MB limit"
+    assert open_temp_files() <= before_files  # the partial upload's temp file is closed (and so deleted)
+    assert {p for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("echovlm-serve-")} <= before_dirs
+    status, _, _ = asgi_post(client.app, body(1), headers)  # under the limit, chunked is fine
+    assert status == 200
+
+
+@pytest.mark.parametrize("host, status", [
+    ("evil.example", 421), ("evil.example:8000", 421), ("127.0.0.1.evil.example:8000", 421), ("[::2]:8000", 421), ("[::1", 421),
+    ("127.0.0.1:8000", 200), ("localhost:8000", 200), ("LocalHost", 200), ("[::1]:8000", 200),
+    ("localhost:9000", 200),  # an ssh tunnel (-L 9000:localhost:8000) keeps the name and changes the port
+])
+def test_host_header_is_checked(client, host, status):
+    # DNS rebinding: a site whose name resolves to 127.0.0.1 reaches the server with its own name as Host
+    for path in ("/", "/api/info", "/api/runs"):
+        r = client.get(path, headers={"host": host})
+        assert r.status_code == status, (path, r.text[:200])
+    if status != 200:
+        assert "this server answers to 127.0.0.1, ::1, localhost" in r.json()["error"]
+
+
+def test_hosts_of_other_binds(reporter, run_with_card):
+    run = run_with_card[0]
+    with TestClient(serve.make_app(reporter, run.parent, run, 5, host="0.0.0.0"), base_url="http://10.1.2.3:8080") as c:
+        # every interface: any address of the machine, and its own names; no other name
+        for host in ("10.1.2.3:8080", "[fe80::1]:8080", "127.0.0.1", socket.gethostname(), socket.getfqdn()):
+            assert c.get("/api/info", headers={"host": host}).status_code == 200, host
+        assert c.get("/api/info", headers={"host": "evil.example:8080"}).status_code == 421
+    with TestClient(serve.make_app(reporter, run.parent, run, 5, host="echo.hospital.example"),
+                    base_url="http://echo.hospital.example:8080") as c:
+        assert c.get("/api/info").status_code == 200
+        assert c.get("/api/info", headers={"host": "10.1.2.3:8080"}).status_code == 421
+
+
+def test_cross_origin_posts_are_refused(client):
+    # a page of another site may send a form to any address (no CORS preflight for multipart): only the
+    # server's own page may start a request
+    for origin in ("http://evil.example", "http://127.0.0.1:9999", "null"):
+        r = client.post("/api/jobs", files=[("files", ("a.mp4", b"", "video/mp4"))], headers={"origin": origin})
+        assert r.status_code == 403 and "another site" in r.json()["error"], origin
+    r = client.post("/api/jobs", data={"study": "0"}, headers={"origin": LOCAL})  # the page itself
+    assert r.status_code == 200, r.text  # (curl and scripts send no Origin: the other tests)
+    assert wait(client, r.json()["id"])["state"] == "done"
+    assert client.get("/api/info", headers={"origin": "http://evil.example"}).status_code == 200  # reading: CORS
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"study": ("s.txt", b"3", "text/plain")}, "study must be a test study number, not a file"),
+    ({"conditioning": ("c.txt", b"snap", "text/plain"), "files": ("a.mp4", b"", "video/mp4")}, "not a file"),
+])
+def test_form_fields_sent_as_files(client, files, expected):
+    # curl -F study=@file: a file where a number belongs
+    r = client.post("/api/jobs", files=files)
+    assert r.status_code == 400 and expected in r.json()["error"]
+
+
+def test_many_unusable_files_make_a_short_message(client):
+    files = [("files", (f"clip{i:04d}.mp4", b"", "video/mp4")) for i in range(serve.MAX_FILES)]
+    job = wait(client, post(client, files=files).json()["id"])
+    assert job["state"] == "error" and "clip0000.mp4: an empty file" in job["error"]
+    assert f"and {serve.MAX_FILES - 5} more" in job["error"] and len(job["error"]) < 1000
+    assert len(job["files"]) == serve.MAX_FILES and all(f["reason"] for f in job["files"])  # each card says why
+
+
+def test_oversized_video_is_a_message_on_its_card(client, tmp_path):
+    import pydicom.examples
+
+    ds = pydicom.dcmread(pydicom.examples.get_path("ybr_color"))
+    ds.Rows = ds.Columns = 5000  # declared, so refused before its JPEG frames are decoded
+    ds.save_as(tmp_path / "huge.dcm")
+    files = [("files", ("huge.dcm", (tmp_path / "huge.dcm").read_bytes(), "application/dicom"))]
+    job = wait(client, post(client, files=files).json()["id"])
+    assert job["state"] == "error" and "larger than this reader decodes" in job["files"][0]["reason"]
+
+
+def test_file_names_that_are_not_utf8(client):
+    def part(name: bytes) -> bytes:
+        return (b'--x1y2\r\nContent-Disposition: form-data; name="files"; filename="' + name + b'"\r\n'
+                b"Content-Type: video/mp4\r\n\r\n\r\n")
+
+    names = ["эхо.mp4".encode("cp1251"), "эхо.mp4".encode(), "café/a.dcm".encode()]
+    body = b"".join(part(n) for n in names) + b"--x1y2--\r\n"
+    r = client.post("/api/jobs", content=body, headers={"content-type": "multipart/form-data; boundary=x1y2"})
+    job = wait(client, r.json()["id"])
+    # replacement characters where the bytes are not UTF-8, never Latin-1 mojibake ("ýõî.mp4")
+    assert [f["name"] for f in job["files"]] == ["\ufffd\ufffd\ufffd.mp4", "эхо.mp4", "café/a.dcm"]
+
+
+def test_card_with_a_table_of_only_a_separator(reporter, tmp_path):
+    assert web.markdown_html("|---|", str) == ""
+    assert web.markdown_html("| a |\n|---|", str) == "<table><tr><th>a</th></tr></table>"
+    run = tmp_path / "runs" / "odd"
+    run.mkdir(parents=True)
+    (run / "report.md").write_text("# odd\n|---|\n|:-:|---|\ntext\n")
+    with TestClient(serve.make_app(reporter, run.parent, run, 5), base_url=LOCAL) as c:
+        r = c.get("/api/runs/odd/card")
+    assert r.status_code == 200 and "<h2>odd</h2>" in r.json()["html"] and "<p>text</p>" in r.json()["html"]
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan", "0", "-1"])
+def test_max_upload_mb_is_checked_before_the_model_loads(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as e:  # a run that does not exist: loading it would be another message
+        serve.main(["--run", str(tmp_path / "no_such_run"), "--max-upload-mb", value, "--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serve: --max-upload-mb must be a finite number of MB > 0") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("form, expected", [
