@@ -116,6 +116,11 @@ def prompt_codes(binary: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np
     return codes, values
 
 
+def free_prompts(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts that say nothing (every finding unknown): what a free report is written from."""
+    return prompt_codes(np.full((n, NB), np.nan), np.full((n, NV), np.nan))
+
+
 def label_prompts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Prompts from an echovlm.labels matrix (N, 25) in TRAITS order: each report's own labels (training)."""
     return prompt_codes(labels[:, :NB], labels[:, NB:])
@@ -281,17 +286,19 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
 
 # ------------------------------------------------------------------ the report states what was decided
 
+def states(labels: dict, trait: str, used: float, tolerance: float = 2.0) -> bool:
+    """Whether a report's extracted labels state one prompted finding: the same 0/1, or a value within tolerance."""
+    if trait in BINARY_TRAITS:
+        return labels.get(trait) == used
+    return labels.get(trait) is not None and abs(labels[trait] - used) <= tolerance
+
+
 def misstated(labels: dict, codes: np.ndarray, values: np.ndarray, tolerance: float = 2.0) -> int:
-    """How many prompted findings one report's extracted labels (extract_labels) do not state as prompted: a
-    binary trait with another label, a value absent or more than `tolerance` from the prompted one."""
-    wrong = 0
-    for j, t in enumerate(BINARY_TRAITS):
-        if codes[j] != UNKNOWN and labels.get(t) != (1 if codes[j] == PRESENT else 0):
-            wrong += 1
-    for j, t in enumerate(CONTINUOUS_TRAITS):
-        if codes[NB + j] != UNKNOWN and (labels.get(t) is None or abs(labels[t] - values[j]) > tolerance):
-            wrong += 1
-    return wrong
+    """How many prompted findings one report's extracted labels (extract_labels) do not state as prompted."""
+    wrong = sum(not states(labels, t, int(codes[j] == PRESENT), tolerance)
+                for j, t in enumerate(BINARY_TRAITS) if codes[j] != UNKNOWN)
+    return wrong + sum(not states(labels, t, values[j], tolerance)
+                       for j, t in enumerate(CONTINUOUS_TRAITS) if codes[NB + j] != UNKNOWN)
 
 
 def fidelity(labels: list[dict], codes: np.ndarray, values: np.ndarray, tolerance: float = 2.0) -> dict:

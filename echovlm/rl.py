@@ -17,6 +17,9 @@ One step of scripts.rl_train, in three parts a test can drive one at a time:
                      model either: the small learning rate (a fraction of base_train's) and the short stage keep
                      the policy near the base model, and scripts.rl_train keeps the checkpoint that scores best
                      on a fixed val subset, so a drift that hurts the reports is never the one kept.
+
+A model with a findings prompt is fine-tuned on its free reports (every finding unknown): the reports it
+writes prompted state the findings head's decisions, which the reward cannot improve on.
 """
 
 from contextlib import nullcontext
@@ -27,6 +30,7 @@ import torch
 
 from echovlm.clinical import extract_labels
 from echovlm.consistency import contradictions
+from echovlm.findings import free_prompts
 from echovlm.loader import collate
 from echovlm.reward import RewardWeights, rewards
 
@@ -90,7 +94,8 @@ def policy_gradient_step(train_model, ddp_model, model, optimizers, samples: Sam
         sync = nullcontext() if ddp_model is None or c == len(chunks) - 1 else ddp_model.no_sync()
         with sync:
             b = collate([samples.embeddings[i] for i in chunk], [samples.tokens[i] for i in chunk],
-                        tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, sequence_len, device)
+                        tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, sequence_len, device,
+                        prompts=free_prompts(len(chunk)) if model.config.n_prompt else None)
             with autocast:
                 nll = train_model(b.ids, b.prefix, b.prefix_mask, b.targets, loss_reduction="none", **b.prompt)
             weight = torch.tensor(adv[chunk], dtype=torch.float32, device=device)[:, None]

@@ -5,6 +5,13 @@ classifier); `Reporter.report(...)` takes one study, given as video files, a pre
 split index, and returns the report, the findings the clinical evaluator reads in it, each video's view and
 the provenance. The CLI makes one Reporter per run of the script; the server keeps one for its lifetime.
 
+With a model that has a findings head (echovlm.findings) the head decides the findings from the study's
+embeddings, the user may override any of them (findings=["aortic_stenosis=1", "ejection_fraction=35"]: the
+others stay the head's), and the GPT writes the report prompted with them; where the greedy report misstates
+a prompted finding, --samples sampled reports are tried and the most faithful kept. The result's
+`findings_prompt` lists each finding with the head's probability, the decision or value used, and whether it
+came from the head or the user. A model made before the head writes a free report, and says so.
+
 Every fault of the input or of the run is a `ReportError` with a one-line message (code 2: the user's input,
 1: a failure while running); the CLI prints it with common.fail, the server shows it on the page.
 
@@ -35,10 +42,12 @@ import numpy as np
 import torch
 
 from echovlm.checkpoint import load_model
-from echovlm.clinical import SECTIONS, TRAITS, extract_labels
+from echovlm.clinical import BINARY_TRAITS, SECTIONS, TRAITS, extract_labels
 from echovlm.dataset import open_dataset
-from echovlm.echoprime import EMBED_DIM, ENCODER_WEIGHTS, VIEW_CLASSIFIER_WEIGHTS, WEIGHTS
+from echovlm.echoprime import EMBED_DIM, ENCODER_WEIGHTS, VIEW_CLASSIFIER_WEIGHTS, WEIGHTS, load_echoprime_rules
 from echovlm.engine import Engine
+from echovlm.findings import decide, mean_features, parse_overrides, prompted_reports, states
+from echovlm.gpt import PRESENT, UNKNOWN
 from echovlm.consistency import contradictions
 from echovlm.retrieval import nearest_training_studies
 from echovlm.reward import RewardWeights, consensus
@@ -154,6 +163,15 @@ class Reporter:
                               "file)") from None
         self.run = Path(run)
         self.engine = Engine(self.model, self.tokenizer)
+        self.head = self.info["findings"]
+        # the prompt's fidelity is checked with the rules the head learned; EchoPrime's file must still be there
+        self.rules = None
+        if self.info.get("rules"):
+            try:
+                self.rules = load_echoprime_rules(self.info["rules"])
+            except (FileNotFoundError, ValueError) as e:
+                raise ReportError(f"this model was trained with the label rules {self.info['rules']}, which cannot be "
+                                  f"read now ({e}); restore that file") from None
         self.video_models = None  # (encoder, view classifier, provenance) once loaded
         self._dataset = None
         self._weights = None
@@ -270,16 +288,31 @@ class Reporter:
                          np.array([len(contradictions(t)) for t in texts]))
         return candidates[pick]
 
+    def overrides(self, findings) -> dict[str, float]:
+        """The user's findings ("name=value" strings) checked against this model: a ReportError for a bad one."""
+        if not findings:
+            return {}
+        if self.head is None:
+            raise ReportError("this model has no findings head (it was trained before the head existed, or with "
+                              "--no-findings): it writes free reports only; setting findings needs a model retrained "
+                              "with scripts.base_train")
+        try:
+            return parse_overrides(list(findings), self.head)
+        except ValueError as e:
+            raise ReportError(str(e)) from None
+
     def report(self, videos=None, embedding=None, study=None, conditioning="snap", decode="consensus", samples=8,
                temperature=1.0, top_k=None, max_tokens=None, seed=0, video_batch=8, allow_synthetic_model=False,
-               progress=None) -> StudyReport:
-        """Exactly one of videos (files/folders), embedding (a .npy path or an array), study (test-split index)."""
+               progress=None, findings=None) -> StudyReport:
+        """Exactly one of videos (files/folders), embedding (a .npy path or an array), study (test-split index).
+        findings: "name=value" strings that override the head's decisions (checked before any work)."""
         progress = progress or (lambda stage, done, total, info: None)
         if sum([bool(videos), embedding is not None, study is not None]) != 1:
             raise ReportError("give exactly one of: video paths, --embedding FILE, --study N")
         if video_batch < 1:
             raise ReportError(f"--video-batch must be >= 1, got {video_batch}")
         check_generation(temperature, top_k, max_tokens, decode, samples)
+        overrides = self.overrides(findings)
         info, t0 = self.info, time.time()
         provenance = {"run": str(self.run.resolve()), "checkpoint": str(Path(info["checkpoint"]).resolve()),
                       "step": info["step"], "val_bpb": info["val_bpb"], "model_config": info["config"],
@@ -336,7 +369,7 @@ class Reporter:
             raise ReportError(f"the study embedding must be a finite ({self.embed_dim},) or (k, {self.embed_dim}) "
                               f"array, got shape {prefix.shape}{'' if finite else ' with NaN/inf values'}")
         seq_len = self.model.config.sequence_len
-        room = seq_len - (prefix.shape[0] + 1)  # the prefix rows and <|bos|> come first
+        room = seq_len - (prefix.shape[0] + self.model.config.n_prompt + 1)  # prefix rows, prompt, <|bos|> first
         if room < 1:
             raise ReportError(f"the study has {prefix.shape[0]} embedding rows, but this model's sequence length "
                               f"{seq_len} leaves room for a report only after at most {seq_len - 2} rows; give fewer "
@@ -346,20 +379,56 @@ class Reporter:
                               f"model's sequence length {seq_len} leaves room for {room} report tokens; ask for at "
                               "most that, or leave --max-tokens unset")
         progress("generating", 0, 1, {})
-        tokens = self.decode(prefix, decode, samples, temperature, top_k, max_tokens, seed)
+        prompt = None
+        if self.head is not None:
+            decided = decide(self.head, mean_features([prefix]), overrides)
+            texts, stated, _ = prompted_reports(
+                self.engine, [prefix], decided["codes"], decided["values"],
+                lambda ts: [extract_labels(t, self.rules) for t in ts], retries=0 if decode == "greedy" else samples,
+                temperature=temperature or 1.0, seed=seed, top_k=top_k, max_tokens=max_tokens)
+            text, prompt = texts[0], findings_prompt(decided, stated[0])
+        else:
+            warnings.append("this model has no findings head (trained before it existed): the report is a free "
+                            "report, written from the embedding alone; retrain to get decided, editable findings")
+            text = self.tokenizer.decode(self.decode(prefix, decode, samples, temperature, top_k, max_tokens, seed))
         progress("generating", 1, 1, {})
-        report = section_per_line(self.tokenizer.decode(tokens))
-        result = {"report": report, "findings": extract_labels(report), "videos": per_video, "skipped": skipped,
+        report = section_per_line(text)
+        result = {"report": report, "findings": extract_labels(report), "findings_prompt": prompt,
+                  "videos": per_video, "skipped": skipped,
                   "conditioning": used, "snapped_to": snapped, "reference_report": reference, "warnings": warnings,
                   "provenance": provenance, "seconds": round(time.time() - t0, 2)}
         return StudyReport(result, clips)
+
+
+def findings_prompt(decided: dict, stated: dict) -> list[dict]:
+    """One row per trait of what the report was prompted with (study 0 of decide()'s output): the head's
+    probability (binary) or value, the decision or value used, who set it, and whether the report states it."""
+    rows = []
+    for j, t in enumerate(TRAITS):
+        binary = j < len(BINARY_TRAITS)
+        code = int(decided["codes"][0, j])
+        used = None if code == UNKNOWN else (int(code == PRESENT) if binary else
+                                            float(decided["values"][0, j - len(BINARY_TRAITS)]))
+        prob = decided["prob"][0, j] if binary else None
+        rows.append({"trait": t, "kind": "binary" if binary else "value", "used": used,
+                     "probability": None if prob is None or np.isnan(prob) else round(float(prob), 4),
+                     "source": "user" if t in decided["edited"] else ("head" if used is not None else "unknown"),
+                     "stated": None if used is None else states(stated, t, used)})
+    return rows
 
 
 def markdown(result: dict) -> str:
     """report.md of a result."""
     prov, snapped = result["provenance"], result["snapped_to"]
     md = ["# echovlm report", ""] + [f"> **{w}**\n" for w in result["warnings"]]
-    md += ["```", result["report"], "```", "", "| finding | value |", "|---|---|"]
+    md += ["```", result["report"], "```", ""]
+    if result.get("findings_prompt"):
+        md += ["Findings the report was written from (head: decided by the findings head; user: set by you):", "",
+               "| finding | probability | used | from | stated in the report |", "|---|---|---|---|---|"]
+        md += [f"| {r['trait']} | {'' if r['probability'] is None else r['probability']} | {r['used']} | {r['source']} "
+               f"| {'' if r['stated'] is None else 'yes' if r['stated'] else 'NO'} |" for r in result["findings_prompt"]]
+        md += [""]
+    md += ["| finding (read from the report) | value |", "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in result["findings"].items()]
     if result["videos"]:
         md += ["", "| video | view | embedding norm |", "|---|---|---|"]
@@ -378,7 +447,12 @@ def markdown(result: dict) -> str:
 
 def printed(result: dict) -> list[str]:
     """What the CLI prints: the report, its findings, each video's view."""
-    lines = [result["report"], "\nfindings (echovlm.clinical labels):"]
+    lines = [result["report"]]
+    if result.get("findings_prompt"):
+        lines.append("\nfindings the report was written from (probability, used, from):")
+        lines += [f"  {r['trait']:37s} {'' if r['probability'] is None else format(r['probability'], '.3f'):>6s}  "
+                  f"{str(r['used']):>6s}  {r['source']}" for r in result["findings_prompt"]]
+    lines.append("\nfindings (echovlm.clinical labels):")
     lines += [f"  {name:37s} {result['findings'][name]}" for name in TRAITS]
     if result["videos"]:
         lines.append("\nviews:")

@@ -16,10 +16,14 @@ study embeddings per study, so the videos must become such a prefix. Two ways (-
   direct that normalised mean itself, as one prefix vector (the projector has no bias and is followed by an
          RMSNorm, so the scale of a prefix vector does not matter, only its direction).
 
-The report is decoded by consensus (--decode): the greedy report and --samples reports sampled at --temperature
-are labelled, and the one that agrees best with the others under the clinical reward (echovlm.reward) is
-written; it states a finding when more than about its prevalence of the candidates do, where greedy decoding
-writes the common case and under-calls rare findings (test_inference measures both on every evaluation).
+With a model that has a findings head (every model base_train makes now), the head decides the findings from
+the study's embeddings (thresholds set on val for balanced accuracy), --finding NAME=VALUE overrides any of
+them (the others stay the head's), and the report is written prompted with them: greedy, and where the greedy
+report misstates a prompted finding, --samples sampled reports are tried and the most faithful one is kept
+(--decode greedy: no retries). The findings used are printed with the head's probabilities and who set them.
+A model made before the head writes a free report, decoded by consensus (--decode): the greedy report and
+--samples sampled reports are labelled, and the one that agrees best with the others under the clinical
+reward (echovlm.reward) is written.
 
 Prints the report (one section per line), the findings the clinical label extractor reads from it, and the
 view of every video. --out DIR writes report.json (report, findings, per-video view and embedding norm,
@@ -89,6 +93,10 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (consensus, sample); 0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
     p.add_argument("--max-tokens", type=int, default=None, help="default: what fits in the model's sequence length")
+    p.add_argument("--finding", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a finding instead of the findings head's decision, e.g. --finding aortic_stenosis=1 "
+                        "--finding ejection_fraction=35 (binary findings 0/1, LVEF 5-90, PASP 5-150); repeatable, "
+                        "the findings not named stay the head's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video-batch", type=int, default=8, help="videos per encoder forward pass")
     p.add_argument("--device", default="auto")
@@ -108,7 +116,8 @@ def main(argv=None):
                                conditioning=args.conditioning, decode=args.decode, samples=args.samples,
                                temperature=args.temperature, top_k=args.top_k,
                                max_tokens=args.max_tokens, seed=args.seed, video_batch=args.video_batch,
-                               allow_synthetic_model=args.allow_synthetic_model, progress=bars)
+                               allow_synthetic_model=args.allow_synthetic_model, progress=bars,
+                               findings=args.finding)
     except ReportError as e:
         bars.close()
         fail("generate_report", str(e), e.code)
