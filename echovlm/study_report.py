@@ -74,6 +74,7 @@ class ReportError(Exception):
 class StudyReport:
     result: dict  # what report.json holds
     clips: torch.Tensor | None  # (N, 3, 16, 224, 224) preprocessed clips of the videos used: what the encoder saw
+    prefix: np.ndarray  # (k, D) the embedding rows the report was written from: a rewrite reuses them
 
 
 def section_per_line(report: str) -> str:
@@ -397,7 +398,7 @@ class Reporter:
                   "videos": per_video, "skipped": skipped,
                   "conditioning": used, "snapped_to": snapped, "reference_report": reference, "warnings": warnings,
                   "provenance": provenance, "seconds": round(time.time() - t0, 2)}
-        return StudyReport(result, clips)
+        return StudyReport(result, clips, prefix)
 
 
 def findings_prompt(decided: dict, stated: dict) -> list[dict]:

@@ -2,7 +2,11 @@
 
 The page is self-contained (inline CSS and JS, no CDN, no fonts, no internet: it must work inside a hospital
 network). It talks to the server's /api endpoints only, and never sends a server path: a study is uploaded
-bytes or a test-split index, a run is a name from the server's own list.
+bytes, a test-split index or the id of a request to rewrite, a run is a name from the server's own list.
+
+Below a report, the findings it was written from (the findings head's decisions and probabilities) can be
+changed and the report rewritten: the page sends the findings the user set, the server writes the same study
+again with them, and the new report's panel marks them as the user's.
 """
 
 import html
@@ -118,6 +122,10 @@ table{border-collapse:collapse;margin:6px 0} td,th{border:1px solid #d9dee7;padd
 th{background:#eef1f6} td.no{background:#fef3f2} td.yes{background:#ecfdf3}
 pre{background:#f2f4f7;padding:8px;white-space:pre-wrap} img{max-width:100%}
 #runlist li.cur{font-weight:600} progress{width:300px}
+.bar{display:inline-block;width:60px;height:8px;background:#eef1f6;border-radius:4px;vertical-align:middle}
+.bar i{display:block;height:100%;background:#2f80ed;border-radius:4px}
+#prompt input[type=number]{width:70px} .you{color:#6941c6;font-weight:600} tr.user td:first-child{border-left:4px solid #6941c6}
+tr.unstated td{background:#fffaeb} tr.changed td.from::after{content:" → yours on rewrite";color:#6941c6}
 </style></head>
 <body>
 <header><b>echovlm</b><a href="#study" id="tab-study">Study</a><a href="#runs" id="tab-runs">Runs</a>
@@ -146,7 +154,7 @@ pre{background:#f2f4f7;padding:8px;white-space:pre-wrap} img{max-width:100%}
 <script>
 const $ = id => document.getElementById(id);
 const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c]));
-let info = null, picked = [];
+let info = null, picked = [], shown = null;  // shown: the finished request on the page, what a rewrite rewrites
 
 async function api(path, opts) {
   const r = await fetch(path, opts);
@@ -198,16 +206,21 @@ drop.ondrop = async e => {
   if (entries.length) { for (const x of entries) await walk(x); choose(files); } else choose(e.dataTransfer.files);
 };
 
+// the report on the page stays until the server takes the request: a refused rewrite keeps the user's edits
 async function submit(form) {
-  form.append("conditioning", $("conditioning").value);
-  $("result").innerHTML = ""; $("go").disabled = $("go-study").disabled = true;
-  setStatus("uploading...");
-  try { const job = await api("/api/jobs", {method: "POST", body: form}); poll(job.id); }
-  catch (e) { setStatus(`<span class="err">${esc(e.message)}</span>`); done(); }
+  $("go").disabled = $("go-study").disabled = true;
+  if ($("rewrite")) $("rewrite").disabled = true;
+  setStatus(form.has("files") ? "uploading..." : "sending...");
+  try { const job = await api("/api/jobs", {method: "POST", body: form}); $("result").innerHTML = ""; poll(job.id); }
+  catch (e) { setStatus(`<span class="err" id="error">${esc(e.message)}</span>`); done(); }
 }
-$("go").onclick = () => { const f = new FormData(); picked.forEach(x => f.append("files", x, x.webkitRelativePath || x.name)); submit(f); };
-$("go-study").onclick = () => { const f = new FormData(); f.append("study", $("study").value); submit(f); };
-function done() { $("go").disabled = !picked.length; $("go-study").disabled = !(info && info.test_studies.length); }
+function fresh() { const f = new FormData(); f.append("conditioning", $("conditioning").value); return f; }
+$("go").onclick = () => { const f = fresh(); picked.forEach(x => f.append("files", x, x.webkitRelativePath || x.name)); submit(f); };
+$("go-study").onclick = () => { const f = fresh(); f.append("study", $("study").value); submit(f); };
+function done() {
+  $("go").disabled = !picked.length; $("go-study").disabled = !(info && info.test_studies.length);
+  if ($("rewrite")) $("rewrite").disabled = false;
+}
 function setStatus(h) { $("status").hidden = false; $("status").innerHTML = h; }
 
 const STAGES = {decoding: "decoding videos", encoding: "encoding clips", generating: "writing the report", writing: "preparing the page"};
@@ -231,6 +244,7 @@ function line(parts) {
 function render(job) {
   const r = job.result, files = job.files;
   let h = "";
+  shown = job.state === "done" ? job : null;
   if (job.state === "error") {
     setStatus(`<span class="err" id="error">${esc(job.error)}</span>`);
     h += `<div class="cards">${files.map(f => card(f)).join("")}</div>`;
@@ -246,8 +260,56 @@ function render(job) {
     `<table id="findings"><tr><th>finding</th><th>generated</th>${r.reference_lines ? "<th>reference</th>" : ""}</tr>` +
     r.findings.map(f => `<tr><td>${esc(f.trait)}</td><td class="${f.agree === false ? "no" : f.agree ? "yes" : ""}">${esc(f.value)}</td>` +
       (r.reference_lines ? `<td>${esc(f.reference)}</td>` : "") + "</tr>").join("") + "</table></div>";
+  h += promptPanel(r.findings_prompt);
   $("result").innerHTML = h;
 }
+
+// what the report was prompted with: the head's decisions, each editable; the findings the user set go back on a rewrite
+function promptPanel(rows) {
+  const title = "<b>Findings the report was written from</b> ";
+  if (!rows) return `<div class="box" id="prompt">${title}<p class="muted" id="no-head">This model has no findings head: ` +
+    "it writes free reports from the study's embeddings alone, so there are no findings to set. Setting findings and " +
+    "rewriting the report needs a model retrained with scripts.base_train.</p></div>";
+  return `<div class="box" id="prompt">${title}<span class="muted">(decided by the model's findings head from the ` +
+    "study's embeddings, present above each finding's own threshold, set on the validation split; or set by you: " +
+    "change any and rewrite the report; clear a number to leave it to the head)</span>" +
+    `<table id="prompt-table"><tr><th>finding</th><th>head's probability</th><th>used</th><th>from</th><th>in the report</th></tr>` +
+    rows.map(promptRow).join("") + `</table><button id="rewrite">Rewrite report</button></div>`;
+}
+
+function promptRow(r) {
+  const off = r.used === null ? "disabled" : "", p = r.probability, t = esc(r.trait);
+  const prob = p === null ? "" : `<span class="bar"><i style="width:${(100 * p).toFixed(0)}%"></i></span> ${(100 * p).toFixed(0)}%`;
+  let control;
+  if (r.kind === "binary") {
+    control = `<label><input type="checkbox" data-trait="${t}" data-initial="${r.used ? 1 : 0}" ${r.used ? "checked" : ""} ${off}> present</label>`;
+  } else {
+    const [lo, hi] = info.value_ranges[r.trait] || ["", ""], v = r.used === null ? "" : +r.used.toFixed(1);
+    control = `<input type="number" step="any" min="${lo}" max="${hi}" data-trait="${t}" data-initial="${v}" value="${v}" ${off}>`;
+  }
+  const from = r.source === "user" ? `<span class="you">edited by you</span>` : r.source === "head" ? "head" :
+    `<span class="muted">unknown: the model's rules never define it</span>`;
+  const said = r.stated === null ? "" : r.stated ? "stated" : `<span class="err">not stated as prompted</span>`;
+  return `<tr data-trait="${t}" class="${r.source === "user" ? "user" : ""} ${r.stated === false ? "unstated" : ""}">` +
+    `<td>${t}</td><td>${prob}</td><td>${control}</td><td class="from">${from}</td><td>${said}</td></tr>`;
+}
+
+const valueOf = x => x.type === "checkbox" ? (x.checked ? "1" : "0") : x.value.trim();
+$("result").addEventListener("input", e => {
+  const x = e.target;
+  if (x.dataset.trait) x.closest("tr").classList.toggle("changed", valueOf(x) !== x.dataset.initial);
+});
+// a rewrite sends every finding the user set: changed now, or set on an earlier rewrite (still the user's)
+$("result").addEventListener("click", e => {
+  if (e.target.id !== "rewrite" || !shown) return;
+  const f = new FormData();
+  f.append("rewrite", shown.id);
+  for (const x of document.querySelectorAll("#prompt-table input[data-trait]")) {
+    const v = valueOf(x), mine = x.closest("tr").classList.contains("user");
+    if (!x.disabled && v !== "" && (mine || v !== x.dataset.initial)) f.append("finding", `${x.dataset.trait}=${v}`);
+  }
+  submit(f);
+});
 
 function card(f) {
   if (f.reason) return `<div class="card bad"><div class="name">${esc(f.name)}</div><div class="err">skipped: ${esc(f.reason)}</div></div>`;

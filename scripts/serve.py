@@ -1,5 +1,6 @@
 """A local web page for your own echo studies and your runs: upload a study's videos, see each clip as the encoder
-saw it with its view, the report with the phrases behind each finding, the findings table; browse the runs.
+saw it with its view, the report with the phrases behind each finding, the findings table; set findings and have
+the report rewritten; browse the runs.
 
     python -m scripts.serve --run runs/speedrun/model --echoprime-dir ../EchoPrime
     python -m scripts.serve --run runs/speedrun/model --host 0.0.0.0 --port 8080 --max-upload-mb 2048
@@ -8,6 +9,11 @@ Then open http://127.0.0.1:8000. The model (and the EchoPrime video models, when
 loaded once; requests are served one at a time in the order they arrive, and the page says how many are ahead.
 A study is the uploaded files or a test-split study of the run's dataset; the report is written by
 echovlm/study_report.py, the same code as scripts.generate_report, so the page and the CLI agree.
+
+POST /api/jobs takes the study as files, study=N (a test-split index) or rewrite=ID (a finished request: the
+same study written again from the embedding rows its report was written from, which the server keeps with the
+request), and finding=NAME=VALUE as often as needed (generate_report's --finding: it overrides the findings
+head's decision); the findings are checked before anything is written or queued, a bad one is a 400.
 
 Safety: binds 127.0.0.1 unless --host says otherwise (the page has no login: only bind other addresses on a
 network you trust); answers only requests whose Host is a name it is bound to (DNS rebinding gets a 421) and
@@ -46,6 +52,7 @@ from starlette.datastructures import UploadFile
 from echovlm import web
 from echovlm.clinical import TRAITS, extract_labels
 from echovlm.common import autodetect_device, fail, print0
+from echovlm.findings import VALUE_RANGES
 from echovlm.report import build_card
 from echovlm.study_report import VIDEO_SOURCES, Reporter, ReportError, evidence, markdown
 from echovlm.video import few_reasons
@@ -57,6 +64,10 @@ CHUNK = 1 << 20
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 EVERY_INTERFACE = {"0.0.0.0", "::"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+FIELDS = {"study": "a test study number", "conditioning": "snap or direct", "rewrite": "a request id",
+          "finding": "NAME=VALUE"}  # the form's text fields: what each holds
+# what a rewrite takes from the report it rewrites: the study as that request described it
+STUDY_FIELDS = ("videos", "skipped", "conditioning", "snapped_to", "reference_report", "warnings")
 log = logging.getLogger("echovlm.serve")
 
 
@@ -146,13 +157,24 @@ class TooBig(Exception):
 
 
 class Job:
-    def __init__(self, study=None, conditioning="snap"):
+    def __init__(self, study=None, conditioning="snap", findings=()):
         self.id = uuid.uuid4().hex
         self.study, self.conditioning = study, conditioning
+        self.findings = list(findings)  # "name=value" overrides of the findings head, checked before queueing
         self.dir: Path | None = None  # the request's temporary directory, deleted when the report is written
         self.files: list[dict] = []  # per uploaded file: name (shown), disk (server path), then view or reason
         self.state, self.progress, self.error = "queued", {"stage": None, "done": 0, "total": 0}, None
         self.result, self.page, self.previews = None, None, {}
+        # the (k, D) rows the report was written from: all a rewrite needs, since the uploads are deleted once the
+        # report is written (tens of rows of 512 floats, kept as long as the request)
+        self.prefix = None
+        self.rewrites: dict | None = None  # the result of the report this request rewrites
+
+    def rewriting(self, parent: "Job"):
+        """Make this request a rewrite of parent's report: its rows, and its clips with their previews."""
+        self.prefix, self.rewrites, self.previews = parent.prefix, parent.result, parent.previews
+        self.files = [{**f, "preview": f["preview"].replace(parent.id, self.id)} if "preview" in f else dict(f)
+                      for f in parent.files]
 
     def public(self, ahead: int) -> dict:
         files = [{k: v for k, v in f.items() if k != "disk"} for f in self.files]
@@ -218,24 +240,29 @@ class Service:
                 by_disk[info["file"]]["reason"] = self.shown(info["reason"], job)
 
         try:
-            videos = [f["disk"] for f in job.files if not f.get("reason")]
-            if job.files and not videos:
-                raise ReportError("no usable echo video in this study: " +
-                                  few_reasons([(f["name"], f["reason"]) for f in job.files]))
-            out = self.reporter.report(videos=videos or None, study=job.study, conditioning=job.conditioning,
-                                       video_batch=self.video_batch, allow_synthetic_model=self.allow,
-                                       progress=progress)
-            progress("writing", 0, 1, {})
-            for i, (v, clip) in enumerate(zip(out.result["videos"], out.clips if out.clips is not None else [])):
-                f = by_disk[v["file"]]
-                f.update(view=v["view"], confidence=v["view_confidence"], preview=f"/api/jobs/{job.id}/preview/{i}.jpg")
-                job.previews[i] = web.clip_sprite(clip)
-            result = out.result
-            for v in result["videos"] + result["skipped"]:
-                v["file"] = by_disk[v["file"]]["name"]
-            if "videos" in result["provenance"]["input"]:
-                result["provenance"]["input"]["videos"] = [v["file"] for v in result["videos"]]
-            job.result, job.page = result, self.page_of(result)
+            if job.rewrites is not None:
+                out = self.reporter.report(embedding=job.prefix, findings=job.findings, progress=progress)
+                result = rewritten(out.result, job.rewrites)
+            else:
+                videos = [f["disk"] for f in job.files if not f.get("reason")]
+                if job.files and not videos:
+                    raise ReportError("no usable echo video in this study: " +
+                                      few_reasons([(f["name"], f["reason"]) for f in job.files]))
+                out = self.reporter.report(videos=videos or None, study=job.study, conditioning=job.conditioning,
+                                           video_batch=self.video_batch, allow_synthetic_model=self.allow,
+                                           progress=progress, findings=job.findings)
+                progress("writing", 0, 1, {})
+                for i, (v, clip) in enumerate(zip(out.result["videos"], out.clips if out.clips is not None else [])):
+                    f = by_disk[v["file"]]
+                    f.update(view=v["view"], confidence=v["view_confidence"],
+                             preview=f"/api/jobs/{job.id}/preview/{i}.jpg")
+                    job.previews[i] = web.clip_sprite(clip)
+                result = out.result
+                for v in result["videos"] + result["skipped"]:
+                    v["file"] = by_disk[v["file"]]["name"]
+                if "videos" in result["provenance"]["input"]:
+                    result["provenance"]["input"]["videos"] = [v["file"] for v in result["videos"]]
+            job.prefix, job.result, job.page = out.prefix, result, self.page_of(result)
             job.state = "done"
         except ReportError as e:
             job.error, job.state = self.shown(str(e), job), "error"
@@ -268,9 +295,17 @@ class Service:
             text = f"test study {inp['test_study']} of the run's dataset: its own embeddings are the prefix"
         else:
             text = "the given embedding is the prefix"
-        return {**{k: result[k] for k in ("warnings", "seconds", "conditioning")}, "findings": findings,
-                "conditioning_text": text, "lines": evidence(result["report"]),
+        return {**{k: result[k] for k in ("warnings", "seconds", "conditioning", "findings_prompt")},
+                "findings": findings, "conditioning_text": text, "lines": evidence(result["report"]),
                 "reference_lines": evidence(reference) if reference is not None else None}
+
+
+def rewritten(result: dict, first: dict) -> dict:
+    """A rewrite's result: its own report and findings, and the study as the first request described it (the
+    clips and their views, the snap, the reference report, the warnings), since the rewrite was given only the
+    embedding rows. Its own warnings are a subset of the first's: the same model, and no videos to warn about."""
+    kept = {k: v for k, v in first["provenance"].items() if k in ("input", "dataset_source")}
+    return {**result, **{k: first[k] for k in STUDY_FIELDS}, "provenance": {**result["provenance"], **kept}}
 
 
 def make_app(reporter: Reporter, runs_dir: Path, current_run: Path, max_upload_mb: float,
@@ -288,6 +323,7 @@ def make_app(reporter: Reporter, runs_dir: Path, current_run: Path, max_upload_m
     app = FastAPI(title="echovlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.add_middleware(HostGuard, host=host)
+    missing = f"no such request (the server keeps the last {KEEP_JOBS}; it forgets them when restarted)"
 
     def info() -> dict:
         try:
@@ -302,7 +338,7 @@ def make_app(reporter: Reporter, runs_dir: Path, current_run: Path, max_upload_m
                                if allow_synthetic_model else "uploaded videos are refused; test studies work."))
         return {"run_name": current_run.name, "step": reporter.info["step"], "val_bpb": reporter.info["val_bpb"],
                 "dataset_source": source, "test_studies": tests, "warnings": warnings,
-                "max_upload_mb": max_upload_mb}
+                "max_upload_mb": max_upload_mb, "value_ranges": VALUE_RANGES}
 
     def runs() -> dict[str, Path]:
         found = {}
@@ -349,25 +385,39 @@ def make_app(reporter: Reporter, runs_dir: Path, current_run: Path, max_upload_m
         except Exception as e:  # not multipart, too many files, a broken body
             return error(f"the upload could not be read as a form ({e}); send the files as multipart/form-data", 400)
         try:
-            for field in ("study", "conditioning"):
+            for field, what in FIELDS.items():
                 if any(isinstance(v, UploadFile) for v in form.getlist(field)):
-                    return error(f"{field} must be {'a test study number' if field == 'study' else 'snap or direct'}, "
-                                 f"not a file; send the videos in the field 'files'", 400)
+                    return error(f"{field} must be {what}, not a file; send the videos in the field 'files'", 400)
+            findings = form.getlist("finding")
+            try:
+                reporter.overrides(findings)  # a bad one is refused now, not after an upload or a wait in the queue
+            except ReportError as e:
+                return error(str(e), 400)
             conditioning = form.get("conditioning") or "snap"
             if conditioning not in ("snap", "direct"):
                 return error(f"conditioning must be snap or direct, got {conditioning!r}", 400)
             uploads = [f for f in form.getlist("files") if isinstance(f, UploadFile)]
-            study = form.get("study")
-            if (study is None) == (not uploads):
-                return error("send either files (DICOM, AVI, MP4) or a test study number, not both or neither", 400)
-            if study is not None:
+            study, rewrite = form.get("study"), form.get("rewrite")
+            if [study is not None, bool(uploads), rewrite is not None].count(True) != 1:
+                return error("send either files (DICOM, AVI, MP4), a test study number or the id of a request to "
+                             "rewrite: one of them", 400)
+            if rewrite is not None:
+                parent = service.jobs.get(rewrite)
+                if parent is None or parent.state != "done":
+                    return error(f"rewrite {rewrite[:40]!r}: " + (missing if parent is None else
+                                                                  "that request has no report (yet) to rewrite"), 400)
+                if "conditioning" in form:
+                    return error("a rewrite keeps the conditioning of the report it rewrites; send none", 400)
+                job = Job(findings=findings)
+                job.rewriting(parent)
+            elif study is not None:
                 try:
                     study = int(study)
                 except ValueError:
                     return error(f"the test study must be a number, got {study!r}", 400)
-                job = Job(study=study, conditioning=conditioning)
+                job = Job(study=study, conditioning=conditioning, findings=findings)
             else:
-                job = Job(conditioning=conditioning)
+                job = Job(conditioning=conditioning, findings=findings)
                 job.dir = Path(tempfile.mkdtemp(prefix="echovlm-serve-"))
                 total = 0
                 for i, up in enumerate(uploads):
@@ -394,8 +444,6 @@ def make_app(reporter: Reporter, runs_dir: Path, current_run: Path, max_upload_m
 
     def job_of(job_id: str) -> Job | None:
         return service.jobs.get(job_id)
-
-    missing = f"no such request (the server keeps the last {KEEP_JOBS}; it forgets them when restarted)"
 
     @app.get("/api/jobs/{job_id}")
     def get_job(job_id: str):

@@ -244,6 +244,9 @@ def test_cross_origin_posts_are_refused(client):
     for origin in ("http://evil.example", "http://127.0.0.1:9999", "null"):
         r = client.post("/api/jobs", files=[("files", ("a.mp4", b"", "video/mp4"))], headers={"origin": origin})
         assert r.status_code == 403 and "another site" in r.json()["error"], origin
+    r = client.post("/api/jobs", data={"study": "0", "finding": "aortic_stenosis=1"},
+                    headers={"origin": "http://evil.example"})  # nor set findings, nor rewrite a report
+    assert r.status_code == 403
     r = client.post("/api/jobs", data={"study": "0"}, headers={"origin": LOCAL})  # the page itself
     assert r.status_code == 200, r.text  # (curl and scripts send no Origin: the other tests)
     assert wait(client, r.json()["id"])["state"] == "done"
@@ -253,6 +256,8 @@ def test_cross_origin_posts_are_refused(client):
 @pytest.mark.parametrize("files, expected", [
     ({"study": ("s.txt", b"3", "text/plain")}, "study must be a test study number, not a file"),
     ({"conditioning": ("c.txt", b"snap", "text/plain"), "files": ("a.mp4", b"", "video/mp4")}, "not a file"),
+    ({"finding": ("f.txt", b"aortic_stenosis=1", "text/plain"), "files": ("a.mp4", b"", "video/mp4")},
+     "finding must be NAME=VALUE, not a file"),
 ])
 def test_form_fields_sent_as_files(client, files, expected):
     # curl -F study=@file: a file where a number belongs
@@ -320,6 +325,83 @@ def test_max_upload_mb_is_checked_before_the_model_loads(tmp_path, capsys, value
 def test_bad_forms(client, form, expected):
     r = post(client, **form)
     assert r.status_code == 400 and expected in r.json()["error"]
+
+
+def serve_dirs() -> set[Path]:
+    return {p for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("echovlm-serve-")}
+
+
+def prompt_rows(page: dict) -> dict[str, dict]:
+    return {r["trait"]: r for r in page["findings_prompt"]}
+
+
+@pytest.mark.parametrize("findings, expected", [
+    (["aortic_stenosis=2"], "a binary finding is 0 (absent) or 1 (present)"),
+    (["ejection_fraction=95"], "out of range, expected 5 to 90"),
+    (["pulmonary_artery_pressure_continuous=4"], "out of range, expected 5 to 150"),
+    (["no_such_finding=1"], "unknown finding"),
+    (["aortic_stenosis=1", "aortic_stenosis=0"], "given twice"),
+    (["aortic_stenosis"], "expected NAME=VALUE"),
+])
+def test_bad_finding_is_refused_before_anything_is_queued(client, findings, expected):
+    service = client.app.state.service
+    jobs, dirs = list(service.jobs), serve_dirs()
+    for form in ({"data": {"study": "3", "finding": findings}},
+                 {"data": {"finding": findings}, "files": [("files", ("a.mp4", b"\0" * 1000, "video/mp4"))]}):
+        r = client.post("/api/jobs", **form)
+        assert r.status_code == 400 and expected in r.json()["error"] and "\n" not in r.json()["error"]
+    assert list(service.jobs) == jobs and service.queue.empty() and serve_dirs() == dirs  # nothing queued or kept
+
+
+def test_finding_override_on_a_test_study(client):
+    head = prompt_rows(wait(client, post(client, study="3").json()["id"])["result"])
+    assert all(r["source"] in ("head", "unknown") for r in head.values()) and len(head) == len(TRAITS)
+    flipped = 1 - head["aortic_stenosis"]["used"]
+    created = post(client, study="3", finding=[f"aortic_stenosis={flipped}", "ejection_fraction=35"])
+    job = wait(client, created.json()["id"])
+    assert job["state"] == "done", job["error"]
+    rows = prompt_rows(job["result"])
+    assert rows["aortic_stenosis"]["source"] == "user" and rows["aortic_stenosis"]["used"] == flipped
+    assert rows["ejection_fraction"]["source"] == "user" and rows["ejection_fraction"]["used"] == 35.0
+    assert rows["aortic_stenosis"]["probability"] == head["aortic_stenosis"]["probability"]  # still the head's
+    assert {t for t, r in rows.items() if r["source"] == "user"} == {"aortic_stenosis", "ejection_fraction"}
+    saved = client.get(f"/api/jobs/{job['id']}/report.json").json()
+    assert {r["trait"]: r["source"] for r in saved["findings_prompt"]} == {t: r["source"] for t, r in rows.items()}
+
+
+def test_rewrite_is_the_same_study_with_the_users_findings(client, run_with_card):
+    first = wait(client, post(client, study="3").json()["id"])
+    again = wait(client, post(client, rewrite=first["id"]).json()["id"])
+    # the same embedding rows, the same decoding: with nothing changed, the same report
+    assert again["state"] == "done" and again["result"]["lines"] == first["result"]["lines"]
+    for key in ("reference_lines", "conditioning_text", "findings_prompt", "warnings"):
+        assert again["result"][key] == first["result"][key], key
+    edited = wait(client, post(client, rewrite=again["id"], finding="ejection_fraction=40").json()["id"])
+    rows = prompt_rows(edited["result"])
+    assert rows["ejection_fraction"]["source"] == "user" and rows["ejection_fraction"]["used"] == 40.0
+    saved = client.get(f"/api/jobs/{edited['id']}/report.json").json()
+    assert saved["provenance"]["input"]["test_study"] == run_with_card[1].studies("test")[3]
+    assert saved["reference_report"] == run_with_card[1].reports("test")[3]
+
+
+@pytest.mark.parametrize("form, expected", [
+    ({"rewrite": "nope"}, "no such request"),
+    ({"rewrite": "FIRST", "study": "3"}, "one of them"),
+    ({"rewrite": "FIRST", "conditioning": "direct"}, "keeps the conditioning"),
+])
+def test_bad_rewrites(client, form, expected):
+    first = wait(client, post(client, study="0").json()["id"])
+    r = post(client, **{k: first["id"] if v == "FIRST" else v for k, v in form.items()})
+    assert r.status_code == 400 and expected in r.json()["error"]
+
+
+def test_model_without_findings_head(client, reporter, monkeypatch):
+    monkeypatch.setattr(reporter, "head", None)  # what a model trained before the head (or --no-findings) loads as
+    r = post(client, study="0", finding="aortic_stenosis=1")
+    assert r.status_code == 400 and "no findings head" in r.json()["error"]
+    job = wait(client, post(client, study="0").json()["id"])
+    assert job["state"] == "done" and job["result"]["findings_prompt"] is None
+    assert any("free report" in w for w in job["result"]["warnings"])
 
 
 def test_test_study_out_of_range_is_a_message(client):
@@ -392,6 +474,19 @@ def test_video_upload(client, make_video, tmp_path):
     assert [v["file"] for v in saved["videos"]] == ["study/a4c.mp4"]
     assert saved["warnings"][0].startswith("NOT A REPORT ABOUT THESE VIDEOS")
     assert saved["snapped_to"]["far"] is True  # random weights: the clip is far from every synthetic study
+    # a rewrite of an upload: the uploads are deleted, the embedding rows the report was written from are kept
+    edited = wait(client, post(client, rewrite=job["id"], finding="ejection_fraction=30").json()["id"])
+    assert edited["state"] == "done", edited["error"]
+    ef = prompt_rows(edited["result"])["ejection_fraction"]
+    assert ef["used"] == 30.0 and ef["source"] == "user"
+    assert [(f["name"], f.get("view"), f.get("reason")) for f in edited["files"]] == \
+        [(f["name"], f.get("view"), f.get("reason")) for f in job["files"]]
+    assert edited["files"][0]["preview"] != good["preview"]  # the rewrite's own, kept as long as it is
+    assert client.get(edited["files"][0]["preview"]).content == sprite.content
+    resaved = client.get(f"/api/jobs/{edited['id']}/report.json").json()
+    for key in ("videos", "skipped", "snapped_to", "warnings", "conditioning"):
+        assert resaved[key] == saved[key], key
+    assert resaved["provenance"]["input"] == saved["provenance"]["input"]
 
 
 # ------------------------------------------------------------------------------------------------ browser
@@ -491,6 +586,75 @@ def test_browser(live_server, run_with_card, tmp_path):
     if os.environ.get("ECHOVLM_SCREENSHOTS"):  # where README screenshots are refreshed from
         for name in ("study.png", "runs.png"):
             shutil.copy(tmp_path / name, Path(os.environ["ECHOVLM_SCREENSHOTS"]) / name)
+
+
+@pytest.mark.slow
+def test_browser_findings_edit(live_server, reporter, monkeypatch):
+    import httpx
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,2400"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+
+    def row(trait):
+        return driver.find_element(By.CSS_SELECTOR, f"#prompt-table tr[data-trait={trait}]")
+
+    def rewrite(table):
+        driver.find_element(By.ID, "rewrite").click()
+        wait.until(ec.staleness_of(table))  # the old report goes once the server has taken the rewrite
+        return wait.until(ec.presence_of_element_located((By.ID, "prompt-table")))
+
+    try:
+        driver.get(live_server + "/#study")
+        wait = WebDriverWait(driver, 300)
+        wait.until(lambda d: d.find_element(By.ID, "model").text)
+        Select(driver.find_element(By.ID, "study")).select_by_value("3")
+        driver.find_element(By.ID, "go-study").click()
+        table = wait.until(ec.presence_of_element_located((By.ID, "prompt-table")))
+        assert len(table.find_elements(By.CSS_SELECTOR, "tr[data-trait]")) == len(TRAITS)
+        assert "%" in row("aortic_stenosis").text and "edited by you" not in table.text  # the head's probability
+        # toggle one finding the head decided, set LVEF
+        box = table.find_element(By.CSS_SELECTOR, "input[type=checkbox]:not([disabled])")
+        trait, was = box.get_attribute("data-trait"), box.is_selected()
+        box.click()
+        ef = row("ejection_fraction").find_element(By.TAG_NAME, "input")
+        lvef = "35" if ef.get_attribute("value") != "35" else "40"
+        ef.clear()
+        ef.send_keys(lvef)
+        assert all("changed" in row(t).get_attribute("class") for t in (trait, "ejection_fraction"))
+        table = rewrite(table)
+        for _ in range(2):  # the rewrite, then a rewrite of it with nothing changed: the edits stay the user's
+            assert "edited by you" in row(trait).text and "edited by you" in row("ejection_fraction").text
+            assert len(table.find_elements(By.CLASS_NAME, "you")) == 2
+            assert row(trait).find_element(By.TAG_NAME, "input").is_selected() is (not was)
+            assert row("ejection_fraction").find_element(By.TAG_NAME, "input").get_attribute("value") == lvef
+            saved = httpx.get(driver.find_element(By.CSS_SELECTOR, "#status a").get_attribute("href")).json()
+            rows = {r["trait"]: r for r in saved["findings_prompt"]}
+            assert rows["ejection_fraction"]["used"] == float(lvef) and rows[trait]["used"] == int(not was)
+            assert {t for t, r in rows.items() if r["source"] == "user"} == {trait, "ejection_fraction"}
+            table = rewrite(table)
+        # a refused finding is a message, and the edits on the page stay
+        ef = row("ejection_fraction").find_element(By.TAG_NAME, "input")
+        ef.clear()
+        ef.send_keys("200")
+        driver.find_element(By.ID, "rewrite").click()
+        error = wait.until(ec.presence_of_element_located((By.ID, "error")))
+        assert "out of range, expected 5 to 90" in error.text and ef.get_attribute("value") == "200"
+        # a model without the head: the panel says what it needs, and offers no rewrite
+        monkeypatch.setattr(reporter, "head", None)
+        driver.find_element(By.ID, "go-study").click()
+        assert "retrained" in wait.until(ec.presence_of_element_located((By.ID, "no-head"))).text
+        assert not driver.find_elements(By.ID, "rewrite")
+    finally:
+        driver.quit()
 
 
 @pytest.mark.slow
