@@ -1,5 +1,6 @@
 """Shared plumbing: device choice, distributed set-up, logging, seeding, run directories, atomic writes."""
 
+import glob
 import json
 import os
 import random
@@ -195,6 +196,25 @@ def atomic_write_text(path: str | os.PathLike, text: str):
 
 def atomic_write_json(path: str | os.PathLike, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def remove_stale_temps(directory: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the `.NAME.XXXXXXXX.tmp` files (mkstemp's 8 random characters) that atomic writes of `names` in
+    `directory` left when their process was killed mid-write (SIGKILL, power loss: no except clause ran), and
+    return them.
+
+    Only for a directory that no other process is writing, e.g. a run's own directory when the run is resumed;
+    anything not named by `names` is left alone.
+    """
+    removed = []
+    for name in names:
+        for tmp in sorted(Path(directory).glob(f".{glob.escape(name)}.{'?' * 8}.tmp")):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def atomic_torch_save(obj, path: str | os.PathLike):

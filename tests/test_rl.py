@@ -4,6 +4,8 @@ resume, a run whose val reward rises, and the bad inputs."""
 import csv
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +114,13 @@ def test_resume_equals_the_uninterrupted_run(rl_run, trained_run, tmp_path, monk
 @pytest.mark.parametrize("flags, message", [
     (["--samples", "1"], "--samples must be >= 2"),
     (["--num-steps", "0"], "--num-steps must be >= 1"),
-    (["--temperature", "nan"], "--temperature and --lr-frac must be > 0"),
+    (["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
+    (["--lr-frac", "inf"], "--lr-frac must be a finite number > 0, got inf"),
+    (["--penalty", "inf"], "--penalty must be a finite number >= 0, got inf"),
+    (["--warmdown-frac", "2"], "--warmdown-frac must be in [0, 1], got 2"),
+    (["--save-every", "0"], "--save-every must be >= 1, got 0"),  # not "0 means --val-every"
+    # more studies per step than the train split holds: refused before the run directory is made
+    (["--studies-per-step", "1000"], "--studies-per-step (1000)"),
 ])
 def test_bad_flags_are_one_line(trained_run, tmp_path, capsys, flags, message):
     run, _ = trained_run
@@ -143,6 +151,109 @@ def test_a_nan_reward_stops_with_one_line_and_keeps_the_last_checkpoint(trained_
     err = capsys.readouterr().err.strip()
     assert "reward of a sampled report is not finite" in err and "\n" not in err
     assert (tmp_path / "nan" / "checkpoints" / "last.pt").is_file()  # step 0: the base weights, kept
+
+
+def test_an_unusable_rules_file_is_one_line(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    rules = tmp_path / "per_section.json"
+    rules.write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        rl_train.main(rl_flags(run, tmp_path, "rl", extra=["--echoprime-rules", str(rules)]))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rl_train: --echoprime-rules") and "none of the traits" in err and "\n" not in err
+    assert not (tmp_path / "rl").exists()
+
+
+def good_flags() -> dict:
+    """The flags a fresh run records in its config.json."""
+    args = rl_train.parse_args(["--base", "runs/base", "--device", "cpu"])
+    rl_train.apply_defaults(args, "cpu", 1)
+    return vars(args)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({}, "lacks --base"),
+    ([1, 2], "not an rl_train config"),
+    ({**good_flags(), "num_steps": "30"}, "num_steps is '30'"),
+    ({**good_flags(), "lr_frac": None}, "lr_frac is None"),
+    ({**good_flags(), "samples": True}, "samples is True"),
+    ({**good_flags(), "num_steps": 0}, "--num-steps must be >= 1"),
+    ({**good_flags(), "dtype": "fp8"}, "dtype is 'fp8'"),
+])
+def test_resume_with_a_damaged_config_is_one_line(tmp_path, capsys, flags, message):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"args": {"flags": flags, "world_size": 1}}))
+    with pytest.raises(SystemExit) as stop:
+        rl_train.main(["--resume", str(tmp_path / "run")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rl_train: {tmp_path / 'run' / 'config.json'}") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_the_step_and_exits_128_plus_it(rl_run, trained_run, tmp_path, monkeypatch, capsys, sig):
+    """Ctrl-C / SIGTERM during step 3 (of 4, saves every 2): step 3 finishes, is saved, and the run exits 130 / 143
+    with the command that resumes it; the resumed run ends as the uninterrupted one did."""
+    run, _ = trained_run
+    real, calls = rl.policy_gradient_step, []
+
+    def signalled_in_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), sig)
+        return real(*a, **k)
+
+    monkeypatch.setattr(rl_train, "policy_gradient_step", signalled_in_step_3)
+    # were rl_train to leave SIGTERM to its default action, it would end pytest itself: fail the test instead
+    previous = signal.signal(signal.SIGTERM, lambda *_: pytest.fail("rl_train did not handle SIGTERM"))
+    try:
+        code = rl_train.main(rl_flags(run, tmp_path, "stopped"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + sig
+    out = capsys.readouterr()
+    assert f"--resume {tmp_path / 'stopped'}" in out.out and "Traceback" not in out.err
+    assert read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["step"] == 3
+    assert [int(r["step"]) for r in rows(tmp_path / "stopped" / "train.csv")] == [1, 2, 3]
+    if sig == signal.SIGTERM:
+        return  # the resume is the same for both: checked once
+    monkeypatch.setattr(rl_train, "policy_gradient_step", real)
+    assert rl_train.main(["--resume", str(tmp_path / "stopped")]) == 0
+    for name, key in (("train.csv", "reward"), ("val.csv", "val_reward")):
+        want, got = rows(rl_run / name), rows(tmp_path / "stopped" / name)
+        assert [r["step"] for r in got] == [r["step"] for r in want]
+        np.testing.assert_allclose([float(r[key]) for r in got], [float(r[key]) for r in want], rtol=1e-6)
+
+
+def test_resuming_a_finished_run_writes_its_missing_outputs(rl_run, tmp_path, capsys):
+    """Killed right after its final last.pt: the summary and train.png are written by a resume, not skipped."""
+    run = tmp_path / "rl"
+    shutil.copytree(rl_run, run)
+    (run / "train_summary.json").unlink()
+    (run / "train.png").unlink()
+    assert rl_train.main(["--resume", str(run)]) == 0
+    assert (run / "train.png").is_file()
+    want, got = (json.loads((d / "train_summary.json").read_text()) for d in (rl_run, run))
+    assert set(got) == set(want)
+    for key in ("steps", "start_val_reward", "final_val_reward", "best_val_reward", "first_reward", "last_reward"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
+    capsys.readouterr()
+    assert rl_train.main(["--resume", str(run)]) == 0  # now complete: nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_a_resume_removes_the_temp_files_a_killed_save_left(rl_run, tmp_path):
+    run = tmp_path / "rl"
+    shutil.copytree(rl_run, run)
+    stale = [run / "checkpoints" / ".last.pt.k2x9_abc.tmp", run / "checkpoints" / ".best.pt.0q1w2e3r.tmp",
+             run / ".train.csv.zz81mmq0.tmp"]
+    theirs = [run / "checkpoints" / ".notes.txt.abc.tmp", run / ".last.pt.elsewhere.tmp"]
+    for f in stale + theirs:
+        f.write_bytes(b"")
+    assert rl_train.main(["--resume", str(run)]) == 0
+    assert not any(f.exists() for f in stale) and all(f.exists() for f in theirs)
 
 
 @pytest.mark.slow
