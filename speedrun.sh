@@ -52,11 +52,19 @@ PINNED=(ECHOVLM_DATA N_STUDIES SEED VOCAB_SIZE DEPTH NUM_STEPS EPOCHS DEVICE_BAT
 
 # ---------------------------------------------------------------- every value checked before anything runs
 bad() { echo "speedrun.sh: $*" >&2; exit 2; }
-int_var() {  # int_var NAME MIN: unset/empty, or a whole number >= MIN
+int_var() {  # int_var NAME MIN: unset/empty, or a whole number >= MIN; rewritten without leading zeros
   local v=${!1:-}
   [[ -z "$v" ]] && return 0
-  [[ "$v" =~ ^[0-9]+$ ]] && (( 10#$v >= $2 )) || bad "$1=$v: expected a whole number >= $2"
+  # at most 18 digits after the zeros: bash arithmetic is 64-bit and would wrap a longer number
+  [[ "$v" =~ ^0*([0-9]{1,18})$ ]] && (( 10#${BASH_REMATCH[1]} >= $2 )) || bad "$1=$v: expected a whole number >= $2"
+  # 00 is 0 and 08 is 8 (not an octal error): written plainly, the value compares as the number it is (RL_STEPS
+  # 0 means no fine-tuning, NGPU > 0), names the same dataset and is recorded as such in settings.tsv
+  printf -v "$1" '%d' "$(( 10#${BASH_REMATCH[1]} ))"
 }
+same_int() {  # same_int A B: both whole numbers, equal as numbers (a run recorded before int_var wrote them plainly)
+  [[ "$1" =~ ^[0-9]{1,18}$ && "$2" =~ ^[0-9]{1,18}$ ]] && (( 10#$1 == 10#$2 ))
+}
+INTS=(N_STUDIES DEPTH NUM_STEPS DEVICE_BATCH TOTAL_BATCH EVAL_STUDIES EVAL_SAMPLES RL_STEPS SEED NGPU VOCAB_SIZE)
 num_var() {  # num_var NAME: unset/empty, or a decimal number; "positive" also excludes 0
   local v=${!1:-}
   [[ -z "$v" ]] && return 0
@@ -112,6 +120,20 @@ else
   PY=("${UV[@]}" run --no-sync python)
 fi
 
+# the rules file is read by rl_train and test_inference, after base_train: its content is checked now, by the
+# loader they use (echovlm.echoprime.load_echoprime_rules), so a malformed one stops the run before any step
+check_rules() {
+  local msg
+  msg=$("${PY[@]}" -c 'import sys
+from echovlm.echoprime import load_echoprime_rules
+try:
+    load_echoprime_rules(sys.argv[1])
+except (OSError, ValueError) as e:
+    sys.exit(str(e))' "$ECHOPRIME_RULES" 2>&1) || bad "ECHOPRIME_RULES=$ECHOPRIME_RULES: ${msg##*$'\n'}"
+}
+[[ -z "${ECHOPRIME_RULES:-}" ]] || check_rules
+RULES_CHECKED=${ECHOPRIME_RULES:-}
+
 # ---------------------------------------------------------------- the run directory
 mkdir -p "$RUNS"
 if [[ "$FRESH" != 1 && -f "$RUNS/LATEST" && -d "$(cat "$RUNS/LATEST")" ]]; then
@@ -128,10 +150,10 @@ if [[ -f "$RUN/settings.tsv" ]]; then
   differ=()
   while IFS=$'\t' read -r name recorded; do
     given=${!name:-}
-    if [[ -n "$given" && "$given" != "$recorded" ]]; then
+    if [[ -n "$given" && "$given" != "$recorded" ]] && ! { [[ " ${INTS[*]} " == *" $name "* ]] && same_int "$given" "$recorded"; }; then
       differ+=("$name=$given (the run has ${recorded:-it unset})")
-    elif [[ -z "$given" && -n "$recorded" ]]; then
-      export "$name=$recorded"
+    elif [[ -n "$recorded" ]]; then
+      export "$name=$recorded"  # as the run wrote it: the same text names the same dataset
     fi
   done < "$RUN/settings.tsv"
   if [[ -f "$RUN/source" ]]; then
@@ -147,6 +169,10 @@ if [[ -f "$RUN/settings.tsv" ]]; then
     bad "$RUN was started with other settings: ${list%; }. A resume keeps a run's settings: unset these" \
         "to continue it, or run with --fresh to start a new run with them"
   fi
+fi
+# a rules file the run recorded (not given now) is checked as a given one was, while a step still reads it
+if [[ -n "${ECHOPRIME_RULES:-}" && "$ECHOPRIME_RULES" != "$RULES_CHECKED" && ! -f "$RUN/steps/test_inference.done" ]]; then
+  check_rules
 fi
 SOURCE=${ECHOVLM_SOURCE:-auto}
 ECHOPRIME_DIR=${ECHOPRIME_DIR:-../EchoPrime}
@@ -189,7 +215,7 @@ step() {
 
 # ---------------------------------------------------------------- hardware
 NGPU=${NGPU:-$("${PY[@]}" -c "import torch; print(torch.cuda.device_count())")}
-if [[ "$NGPU" -gt 0 ]]; then
+if (( 10#$NGPU > 0 )); then
   log "$NGPU GPU(s): full config, torchrun --nproc_per_node=$NGPU"
   TRAIN=("${PY[@]}" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m scripts.base_train)
   RL=("${PY[@]}" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m scripts.rl_train)
@@ -276,7 +302,7 @@ RULES=()
 FINAL="$RUN/model"
 RL_ARGS=(--base "$RUN/model" --run-dir "$RUN" --run-name rl --seed "$SEED" "${RULES[@]}")
 [[ -n "${RL_STEPS:-}" ]] && RL_ARGS+=(--num-steps "$RL_STEPS")
-if [[ "${RL_STEPS:-}" != 0 ]]; then
+if [[ -z "${RL_STEPS:-}" ]] || (( 10#$RL_STEPS > 0 )); then  # as a number: RL_STEPS=00 is 0 too
   FINAL="$RUN/rl"
   if [[ ! -f "$RUN/steps/rl_train.done" && -d "$RUN/rl" ]]; then
     if [[ -f "$RUN/rl/checkpoints/last.pt" ]]; then

@@ -9,6 +9,7 @@ Every variable is checked before the first step (fast: no Python runs). The end-
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,80 @@ def test_a_resumed_run_keeps_its_settings_and_its_stop_point(tmp_path):
     unset = speedrun(tmp_path, ECHOVLM_RUNS=str(runs), N_STUDIES="", ECHOVLM_STOP_AFTER="prepare_dataset")
     check(unset)
     assert (run_dir / "dataset").read_text() == dataset
+
+
+def stub_python(tmp: Path) -> Path:
+    """An ECHOVLM_PYTHON that runs speedrun's own `-c` snippets (new_run_dir, the rules check) with this Python
+    and, for everything else (every step, the report card), only writes the command to tmp/calls.log: the
+    pipeline's plumbing in a second, without training anything."""
+    stub = tmp / "python-stub"
+    stub.write_text(f"""#!/usr/bin/env bash
+if [[ "$1" == -c ]]; then exec {shlex.quote(sys.executable)} "$@"; fi
+printf '%s\\n' "$*" >> {shlex.quote(str(tmp / "calls.log"))}
+""")
+    stub.chmod(0o755)
+    return stub
+
+
+def calls(tmp: Path) -> list[str]:
+    return (tmp / "calls.log").read_text().splitlines()
+
+
+@pytest.mark.parametrize("given, expected, unexpected", [
+    # "00" is 0: no fine-tuning stage (compared as text, it ran rl_train --num-steps 00, which refuses it)
+    ({"RL_STEPS": "00"}, ["scripts.test_inference --run RUN/model "], ["scripts.rl_train"]),
+    pytest.param({"RL_STEPS": "007"}, ["scripts.rl_train --base RUN/model --run-dir RUN --run-name rl --seed 0 "
+                                       "--num-steps 7"], [], marks=pytest.mark.slow),
+    # the same seed and size name the same dataset, whatever zeros lead them
+    pytest.param({"SEED": "007", "N_STUDIES": "0400"}, ["--n-studies 400 --seed 7 --out DATA/synthetic_n400_s7"], [],
+                 marks=pytest.mark.slow),
+    # 08 is not octal here: 8 GPUs, not a bash error that fell back to the CPU path
+    pytest.param({"NGPU": "08"}, ["torch.distributed.run --standalone --nproc_per_node=8 -m scripts.base_train"], [],
+                 marks=pytest.mark.slow),
+])
+def test_numbers_with_leading_zeros_are_numbers(tmp_path, given, expected, unexpected):
+    env = {"ECHOVLM_PYTHON": str(stub_python(tmp_path)), "RL_STEPS": "", **given}
+    proc = speedrun(tmp_path, **env)
+    check(proc)
+    run_dir = Path((tmp_path / "runs" / "LATEST").read_text().strip())
+    log = "\n".join(calls(tmp_path)).replace(str(run_dir), "RUN").replace(str(tmp_path / "data"), "DATA")
+    for text in expected:
+        assert text in log, log
+    for text in unexpected:
+        assert text not in log, log
+    settings = dict(line.split("\t") for line in (run_dir / "settings.tsv").read_text().splitlines())
+    for name, value in given.items():
+        if name in settings:
+            assert settings[name] == str(int(value)), settings  # recorded as a number: a resume compares equal
+    again = speedrun(tmp_path, **env)
+    check(again)
+    assert "already done" in again.stdout
+
+
+RULES = {"ejection_fraction": {"mode": "regression", "label_sources": ["EF is <#>%"], "range": [0, 100]}}
+
+
+def test_a_malformed_rules_file_is_refused_before_the_first_step(tmp_path):
+    rules = tmp_path / "per_section.json"
+    rules.write_text("{}")
+    proc = speedrun(tmp_path, ECHOPRIME_RULES=str(rules))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"speedrun.sh: ECHOPRIME_RULES={rules}: ") and proc.stderr.count("\n") == 1
+    assert "none of the traits echovlm scores" in proc.stderr
+    assert not (tmp_path / "runs").exists() and not proc.stdout  # nothing ran, nothing was made
+
+
+@pytest.mark.slow
+def test_a_resume_checks_the_rules_file_the_run_recorded(tmp_path):
+    rules = tmp_path / "per_section.json"
+    rules.write_text(json.dumps(RULES))
+    stub = str(stub_python(tmp_path))
+    check(speedrun(tmp_path, ECHOVLM_PYTHON=stub, ECHOPRIME_RULES=str(rules), ECHOVLM_STOP_AFTER="prepare_dataset"))
+    rules.write_text(json.dumps({"ejection_fraction": {**RULES["ejection_fraction"], "range": [float("nan"), 100]}}))
+    proc = speedrun(tmp_path, ECHOVLM_PYTHON=stub)  # ECHOPRIME_RULES unset: the run's own, now damaged
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "speedrun.sh: ECHOPRIME_RULES=" in proc.stderr and "'range'" in proc.stderr
+    assert "step tok_train" not in proc.stdout
 
 
 def test_the_release_paths_speedrun_types_are_echoprimes():
