@@ -308,7 +308,8 @@ def prepare(args, ckpt, ddp, rank, world, device) -> dict:
         run_dir = Path(name[0])
         if rank == 0:
             atomic_write_json(run_dir / "config.json", {
-                "args": {"flags": vars(args), "world_size": world}, "stage": "rl", "base": info,
+                "args": {"flags": vars(args), "world_size": world}, "stage": "rl",
+                "base": {**info, "findings": info.get("findings") is not None},  # the head itself is in the .pt
                 "dataset": info["dataset"], "tokenizer_dir": info["tokenizer_dir"], "world_size": world,
                 "device": str(device), "torch": torch.__version__, "reward_weights": weights.to_dict(),
                 "model": {**info["config"], "params": model.num_params()}})
@@ -333,8 +334,12 @@ def loop(args, ckpt, rank, world, device, run_dir, model, ddp_model, optimizers,
     train_model = ddp_model if ddp_model is not None else model
     autocast = make_autocast(device, args.dtype)
     ckpt_dir = run_dir / "checkpoints"
+    # the base run's label rules and findings head go into every checkpoint unchanged: the head decides the findings
+    # a prompted report states (RL trains the free reports only, echovlm.rl), and load_model refuses a prompted
+    # model without its head
     meta = {"dataset": info["dataset"], "tokenizer_dir": info["tokenizer_dir"], "base_checkpoint": info["checkpoint"],
-            "stage": "rl"}
+            "stage": "rl", "rules": info.get("rules"), "rules_key": info.get("rules_key")}
+    head = info.get("findings")
     start_step, best = (ckpt["step"], ckpt["meta"]["best_val_reward"]) if ckpt is not None else (0, -math.inf)
     if ckpt is not None:
         print0(f"resuming {run_dir} at step {start_step}")
@@ -361,13 +366,13 @@ def loop(args, ckpt, rank, world, device, run_dir, model, ddp_model, optimizers,
                     if last_val > best:
                         best = last_val
                         save_checkpoint(ckpt_dir / "best.pt", model, optimizers, step, {"step": step},
-                                        {**meta, "val_reward": last_val, "best_val_reward": best})
+                                        {**meta, "val_reward": last_val, "best_val_reward": best}, findings=head)
                 model.train()
             if rank == 0 and (step > start_step or step == 0) and (step % args.save_every == 0 or last or stopping):
                 # train.csv first: a resume reads its rows up to the checkpoint's step, so they must all be there
                 write_csv(run_dir / "train.csv", TRAIN_FIELDS, train_rows)
                 save_checkpoint(ckpt_dir / "last.pt", model, optimizers, step, {"step": step},
-                                {**meta, "val_reward": last_val, "best_val_reward": best})
+                                {**meta, "val_reward": last_val, "best_val_reward": best}, findings=head)
                 plot(run_dir, train_rows, val_rows, ("reward", "contradictions"), ("val_reward",))
             if stopping and not last:
                 print0(f"rl_train: stopped by {stop.name} at step {step}/{args.num_steps}, saved in "

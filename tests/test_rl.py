@@ -76,7 +76,11 @@ def test_rl_run_writes_a_run_that_loads_like_a_base_run(rl_run, trained_run):
         assert (rl_run / name).is_file(), name
     from echovlm.checkpoint import load_model
     model, tok, info = load_model(rl_run, "cpu")
-    _, ds = trained_run
+    base_run, ds = trained_run
+    _, _, base_info = load_model(base_run, "cpu")
+    # the base run's findings head and label rules travel with the fine-tuned weights (load_model needs the head)
+    assert (info["findings"] is None) == (base_info["findings"] is None)
+    assert (info["rules"], info["rules_key"]) == (base_info["rules"], base_info["rules_key"])
     assert Path(info["dataset"]) == Path(ds.path).resolve() or Path(info["dataset"]) == Path(ds.path)
     assert [int(r["step"]) for r in rows(rl_run / "train.csv")] == [1, 2, 3, 4]
     assert [int(r["step"]) for r in rows(rl_run / "val.csv")] == [0, 2, 4]
