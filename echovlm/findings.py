@@ -12,9 +12,11 @@ probe baseline of scripts.test_inference). The head decides, the GPT states what
 generation, echovlm.gpt), and a clinician can override any decision before the report is written.
 
 Imbalance: the loss is plain (unweighted) cross-entropy, so the probabilities stay calibrated (the expected
-calibration error is reported); the decision for each trait is its probability against a threshold chosen on
-the val split to maximise balanced accuracy, which is where the imbalance is handled. A trait the rule set
-never settles in training (EchoPrime's rules do not define every trait) is unusable: its prompt says unknown.
+calibration error is reported), and the imbalance is handled where the decision is made: each trait's
+probability against a threshold chosen on the val split for balanced accuracy (choose_thresholds: the
+training prevalence, optimal for calibrated probabilities, or the val-optimised cut, whichever scores better
+on held-out halves of val). A trait the rule set never settles in training (EchoPrime's rules do not define
+every trait) is unusable: its prompt says unknown.
 
 The values are regressed in standardised units (mean squared error over the studies whose report states one)
 and returned in the trait's units.
@@ -54,15 +56,28 @@ def split_features(split, chunk: int = 1 << 18) -> np.ndarray:
     return np.concatenate(out)
 
 
+class Branch(nn.Module):
+    """A linear map plus a one-hidden-layer MLP beside it (hidden 0: linear only)."""
+
+    def __init__(self, embed_dim: int, outputs: int, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(embed_dim, outputs)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, outputs)) if hidden else None
+
+    def forward(self, z):
+        return self.linear(z) + (self.mlp(z) if self.mlp is not None else 0.0)
+
+
 class FindingsHead(nn.Module):
-    """features (N, D) -> (logits (N, 23), standardised values (N, 2)): a linear map plus a one-hidden-layer
-    MLP beside it (hidden 0: linear only), on features standardised by the training split's statistics."""
+    """features (N, D) -> (logits (N, 23), standardised values (N, 2)), on features standardised by the training
+    split's statistics. Two branches that share nothing, so that each is early-stopped at its own best epoch
+    (the classifiers overfit long before the regressions converge)."""
 
     def __init__(self, embed_dim: int, hidden: int):
         super().__init__()
         self.embed_dim, self.hidden = embed_dim, hidden
-        self.linear = nn.Linear(embed_dim, NB + NV)
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, NB + NV)) if hidden else None
+        self.binary = Branch(embed_dim, NB, hidden)
+        self.values = Branch(embed_dim, NV, hidden)
         # set by fit(), saved with the weights
         for name, size in (("x_mean", embed_dim), ("x_std", embed_dim), ("y_mean", NV), ("y_std", NV),
                            ("thresholds", NB)):
@@ -71,8 +86,7 @@ class FindingsHead(nn.Module):
 
     def forward(self, x: torch.Tensor):
         z = (x - self.x_mean) / self.x_std
-        out = self.linear(z) + (self.mlp(z) if self.mlp is not None else 0.0)
-        return out[:, :NB], out[:, NB:]
+        return self.binary(z), self.values(z)
 
     @torch.no_grad()
     def predict(self, features: np.ndarray) -> dict:
@@ -189,6 +203,41 @@ def balanced_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(0.5 * (ps[j] + ps[j + 1]) if j + 1 < len(ps) else ps[j])
 
 
+def choose_thresholds(y: np.ndarray, p: np.ndarray, prevalence: np.ndarray, usable: np.ndarray, seed: int = 0):
+    """(thresholds (23,), the rule chosen, held-out balanced accuracy of each rule) from val labels y and
+    probabilities p (N, 23). Two rules: each trait's training prevalence (the balanced-accuracy-optimal cut
+    for calibrated probabilities) or the cut that maximises balanced accuracy on val itself (corrects a
+    miscalibrated head, but follows the noise of a few dozen rare positives). Which one decides is settled on
+    val by two-fold cross-fitting: fit the cuts on one half, score both rules on the other, and back."""
+    def cuts(rows):
+        out = []
+        for j in range(y.shape[1]):
+            ok = ~np.isnan(y[rows, j])
+            yy, pp = y[rows, j][ok], p[rows, j][ok]
+            out.append(balanced_threshold(yy, pp) if usable[j] and 0 < yy.sum() < len(yy) else prevalence[j])
+        return np.array(out)
+
+    def mean_ba(rows, t):
+        bas = []
+        for j in range(y.shape[1]):
+            ok = ~np.isnan(y[rows, j])
+            yy, pred = y[rows, j][ok], p[rows, j][ok] >= t[j]
+            if usable[j] and 0 < yy.sum() < len(yy):
+                bas.append(0.5 * (pred[yy == 1].mean() + (~pred[yy == 0]).mean()))
+        return float(np.mean(bas)) if bas else 0.0
+
+    order = np.random.default_rng(seed).permutation(len(y))
+    halves = (order[::2], order[1::2])
+    scores = {"prevalence": [], "val-optimised": []}
+    for fit, held in (halves, halves[::-1]):
+        scores["prevalence"].append(mean_ba(held, prevalence))
+        scores["val-optimised"].append(mean_ba(held, cuts(fit)))
+    heldout = {k: float(np.mean(v)) for k, v in scores.items()}
+    rule = max(heldout, key=heldout.get)
+    thresholds = prevalence if rule == "prevalence" else cuts(np.arange(len(y)))
+    return [float(t) for t in thresholds], rule, heldout
+
+
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> dict:
     """Expected calibration error over (study, trait) pairs and the reliability table (equal-width bins)."""
     ok = ~np.isnan(y) & ~np.isnan(p)
@@ -229,58 +278,65 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
         if len(v) >= 2:
             head.y_mean[j], head.y_std[j] = v.mean(), v.std().clamp(min=1e-6)
 
-    def loss_of(x, y):
+    def losses(x, y):
+        """(binary loss, value loss): each trait counts equally, whatever share of studies settle it."""
         logits, values = head(x)
         ok_b = ~torch.isnan(y[:, :NB]) & usable[:NB]
         lb = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y[:, :NB]), reduction="none")
         z = (y[:, NB:] - head.y_mean) / head.y_std
         ok_v = ~torch.isnan(z) & usable[NB:]
         lv = (values - torch.nan_to_num(z)).square()
-        # each trait counts equally, whatever share of studies settle it
-        per_trait = torch.cat([(lb * ok_b).sum(0) / ok_b.sum(0).clamp(min=1), (lv * ok_v).sum(0) / ok_v.sum(0).clamp(min=1)])
-        return per_trait.sum() / usable.sum().clamp(min=1)
+        per_b = (lb * ok_b).sum(0) / ok_b.sum(0).clamp(min=1)
+        per_v = (lv * ok_v).sum(0) / ok_v.sum(0).clamp(min=1)
+        return per_b.sum() / usable[:NB].sum().clamp(min=1), per_v.sum() / usable[NB:].sum().clamp(min=1)
 
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    best, best_state, best_epoch, history = float("inf"), None, -1, []
+    branches = {"binary": head.binary, "values": head.values}
+    best = {k: (float("inf"), -1, None) for k in branches}  # (val loss, epoch, state) per branch
+    history = []
     n = len(xt)
+    # at most 256 steps an epoch: a 1.2M-study split then takes seconds an epoch on a GPU, not minutes
+    batch_size = max(batch_size, -(-n // 256))
     for epoch in range(epochs):
         head.train()
         perm = torch.randperm(n, generator=gen).to(dev)
         for s in range(0, n, batch_size):
             idx = perm[s:s + batch_size]
-            loss = loss_of(xt[idx], yt[idx])
+            loss = sum(losses(xt[idx], yt[idx]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         head.eval()
         with torch.no_grad():
-            val = float(loss_of(xv, yv))
+            val = dict(zip(branches, (float(v) for v in losses(xv, yv))))
         history.append(val)
-        if not np.isfinite(val):
+        if not all(np.isfinite(v) for v in val.values()):
             raise ValueError(f"the findings head's val loss became {val} at epoch {epoch}: the embeddings hold NaN/inf "
                              "or the labels are damaged")
-        if val < best - 1e-5:
-            best, best_epoch = val, epoch
-            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        elif epoch - best_epoch >= patience:
+        for k, module in branches.items():
+            if val[k] < best[k][0] - 1e-5:
+                best[k] = (val[k], epoch, {name: v.detach().clone() for name, v in module.state_dict().items()})
+        if all(epoch - b[1] >= patience for b in best.values()):
             break
-    head.load_state_dict(best_state)
+    for k, module in branches.items():
+        module.load_state_dict(best[k][2])
     head = head.cpu().eval()
     pred = head.predict(val_x)
     vy = np.asarray(val_y, dtype=np.float64)
-    thresholds = []
-    for j in range(NB):
-        ok = ~np.isnan(vy[:, j])
-        y, p = vy[ok, j], pred["prob"][ok, j]
-        good = bool(head.usable[j]) and 0 < y.sum() < len(y)
-        thresholds.append(balanced_threshold(y, p) if good else float(np.nanmean(train_y[:, j]) if head.usable[j] else 0.5))
+    settled = ~np.isnan(train_y[:, :NB])
+    prevalence = np.nansum(train_y[:, :NB], 0) / np.maximum(settled.sum(0), 1)
+    thresholds, rule, heldout = choose_thresholds(vy[:, :NB], pred["prob"], prevalence, head.usable[:NB].numpy(), seed)
     head.thresholds.copy_(torch.tensor(thresholds))
-    summary = {"epochs": len(history), "best_epoch": best_epoch, "val_loss": best, "hidden": hidden,
+    summary = {"epochs": len(history), "best_epoch": {k: b[1] for k, b in best.items()},
+               "val_loss": {k: b[0] for k, b in best.items()}, "hidden": hidden,
                "train_studies": int(n), "usable": [t for t, u in zip(TRAITS, head.usable.tolist()) if u],
-               "thresholds": dict(zip(BINARY_TRAITS, thresholds)),
+               "thresholds": dict(zip(BINARY_TRAITS, thresholds)), "threshold_rule": rule,
+               "threshold_heldout_balanced_accuracy": heldout,
                "val_calibration": calibration(vy[:, :NB].ravel(), pred["prob"].ravel())}
-    log(f"findings head: {len(history)} epochs over {n:,} studies (best val loss {best:.4f} at epoch {best_epoch}), "
-        f"{int(head.usable.sum())}/{NB + NV} traits usable, val ECE {summary['val_calibration']['ece']:.4f}")
+    log(f"findings head: {len(history)} epochs over {n:,} studies (best val loss: findings {best['binary'][0]:.4f} at "
+        f"epoch {best['binary'][1]}, values {best['values'][0]:.4f} at epoch {best['values'][1]}), "
+        f"{int(head.usable.sum())}/{NB + NV} traits usable, val ECE {summary['val_calibration']['ece']:.4f}, "
+        f"thresholds: {rule} (held-out val balanced accuracy {heldout[rule]:.4f})")
     return head, summary
 
 

@@ -73,7 +73,8 @@ def eval_summary_row(label: str, eval_dir: Path, system: str = "model") -> str |
     """One evaluation's headline as a table row (see EVAL_SUMMARY_HEADER), None when its metrics.json is missing.
 
     One row per (eval directory, system): the fine-tuned model ("model") and the run it started from ("base",
-    scored by test_inference --base on the same studies) are two rows of one evaluation."""
+    scored by test_inference --base on the same studies) are two rows of one evaluation. The strongest simple
+    baselines of the same evaluation (the probe and kNN, hard labels at the training prevalence) sit beside it."""
     metrics = read_json(Path(eval_dir) / "metrics.json")
     if not metrics or "summary" not in metrics:
         return None
@@ -84,15 +85,20 @@ def eval_summary_row(label: str, eval_dir: Path, system: str = "model") -> str |
     rate = s.get("contradictions_per_1000") or {}
     if system not in core:
         return None
-    cells = [label, fmt(core.get(system), ".3f"), fmt(hard.get(system), ".3f"), fmt(hard.get("retrieval"), ".3f"),
-             f"{fmt(core.get(knn), '.3f')} ({knn or 'n/a'})", fmt(r2.get((system, "ejection_fraction")), ".3f")]
-    cells += [fmt(rate.get(k), ".1f") for k in (system, "prior", "retrieval", "reference")]
+    fid = (s.get("fidelity") or {}) if system == "model" else {}
+    cells = [label, fmt(core.get(system), ".3f"), fmt(hard.get(system), ".3f"), fmt(hard.get("free"), ".3f"),
+             f"{fmt(core.get('probe'), '.3f')} / {fmt(hard.get('probe'), '.3f')}",
+             f"{fmt(core.get(knn), '.3f')} / {fmt(hard.get(knn), '.3f')} ({knn or 'n/a'})",
+             fmt(r2.get((system, "ejection_fraction")), ".3f"),
+             fmt((fid.get("findings") or {}).get("agree"), ".2%"), fmt((fid.get("ejection_fraction") or {}).get("within"), ".2%")]
+    cells += [fmt(rate.get(k), ".1f") for k in (system, "reference")]
     return "| " + " | ".join(cells) + " |"
 
 
-EVAL_SUMMARY_HEADER = ["| eval | Core Metric (score) | Core Metric (hard) | retrieval (hard) | kNN (score) | LVEF R^2 | "
-                       "contradictions / 1,000: model | prior | retrieval | reference (floor) |",
-                       "|---|---|---|---|---|---|---|---|---|---|"]
+EVAL_SUMMARY_HEADER = ["| eval | Core Metric (score) | Core Metric (hard) | free report (hard) | probe (score / hard) | "
+                       "kNN (score / hard) | LVEF R^2 | fidelity: findings | fidelity: LVEF within 2 | "
+                       "contradictions / 1,000: model | reference (floor) |",
+                       "|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def eval_summary_table(evals: list[tuple]) -> list[str]:

@@ -410,16 +410,19 @@ def main(argv=None):
     except RuntimeError as e:
         fail(SCRIPT, str(e))
     args.batch_size = args.batch_size or DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]["batch_size"]
+    try:  # rules are checked before the model loads and before any report is generated
+        rules = load_echoprime_rules(args.echoprime_rules) if args.echoprime_rules else None
+    except (FileNotFoundError, ValueError) as e:
+        fail(SCRIPT, f"--echoprime-rules: {e}")
     try:
         model, tokenizer, info = load_model(args.run, device, which=args.which)
     except (FileNotFoundError, ValueError) as e:
         fail(SCRIPT, f"{e} (--run takes a training run directory, with checkpoints/, or a checkpoint .pt file)")
-    rules_path = args.echoprime_rules or info.get("rules")
-    try:  # checked before any report is generated
-        rules = load_echoprime_rules(rules_path) if rules_path else None
-    except (FileNotFoundError, ValueError) as e:
-        fail(SCRIPT, f"--echoprime-rules: {e}" if args.echoprime_rules else f"the model's rules {rules_path}: {e}; "
-                     "pass --echoprime-rules")
+    if not args.echoprime_rules and info.get("rules"):  # by default the rules the model was trained with
+        try:
+            rules = load_echoprime_rules(info["rules"])
+        except (FileNotFoundError, ValueError) as e:
+            fail(SCRIPT, f"the model was trained with the rules {info['rules']}: {e}; restore it or pass --echoprime-rules")
     head = info["findings"]
     if head is not None and info.get("rules_key") and rules_key(rules) != info["rules_key"]:
         print0(f"note: the findings head was trained on labels of rules {info['rules_key']}, scored here with "

@@ -20,7 +20,7 @@ from echovlm.engine import Engine
 from scripts import generate_report
 
 SNAP_TARGET = 5  # the training study whose embedding the stand-in encoder returns
-JSON_KEYS = {"report", "findings", "videos", "skipped", "conditioning", "snapped_to", "reference_report", "warnings",
+JSON_KEYS = {"report", "findings", "findings_prompt", "videos", "skipped", "conditioning", "snapped_to", "reference_report", "warnings",
              "provenance", "seconds"}
 
 
@@ -313,10 +313,69 @@ def test_bad_generation_flags(run, flags, expected):
 
 def test_embedding_with_too_many_rows(run, tmp_path):
     # as many rows as the sequence holds: no room for <|bos|> and a report (the message blamed max_tokens=None)
-    rows = load_model(run[0], "cpu")[0].config.sequence_len - 1
+    config = load_model(run[0], "cpu")[0].config
+    rows = config.sequence_len - config.n_prompt - 1
     np.save(tmp_path / "e.npy", np.ones((rows, 512), np.float32))
     message = error_of(run[0], "--embedding", tmp_path / "e.npy")
     assert f"{rows} embedding rows" in message and "None" not in message
     np.save(tmp_path / "e.npy", np.ones((1, 512), np.float32))
     message = error_of(run[0], "--embedding", tmp_path / "e.npy", "--max-tokens", "100000")
     assert "--max-tokens 100000 does not fit" in message
+
+
+# ------------------------------------------------------------------------------------------------ --finding
+def test_findings_set_by_the_user_replace_the_heads(run, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert generate(run[0], "--study", 0, "--finding", "aortic_stenosis=1", "--finding", "ejection_fraction=35",
+                    "--out", out) == 0
+    rows = {r["trait"]: r for r in json.loads((out / "report.json").read_text())["findings_prompt"]}
+    assert set(rows) == set(TRAITS)
+    assert rows["aortic_stenosis"]["source"] == "user" and rows["aortic_stenosis"]["used"] == 1
+    assert rows["ejection_fraction"]["source"] == "user" and rows["ejection_fraction"]["used"] == 35.0
+    assert rows["mitral_stenosis"]["source"] == "head" and 0 <= rows["mitral_stenosis"]["probability"] <= 1
+    assert "findings the report was written from" in capsys.readouterr().out
+    assert "| aortic_stenosis |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("finding, expected", [
+    ("aortic_stenoses=1", "unknown finding"),
+    ("ejection_fraction=100", "out of range, expected 5 to 90"),
+    ("ejection_fraction=4", "out of range"),
+    ("aortic_stenosis=2", "0 (absent) or 1 (present)"),
+    ("aortic_stenosis", "expected NAME=VALUE"),
+    ("aortic_stenosis=yes", "not a number"),
+])
+def test_bad_findings_are_one_line_and_nothing_is_generated(run, finding, expected, captured_prefix):
+    assert expected in error_of(run[0], "--study", 0, "--finding", finding)
+    assert captured_prefix == []
+
+
+def test_a_finding_given_twice_is_refused(run, captured_prefix):
+    message = error_of(run[0], "--study", 0, "--finding", "pacemaker=1", "--finding", "pacemaker=0")
+    assert "given twice" in message and captured_prefix == []
+
+
+def test_a_finding_the_rules_never_settled_is_refused(run, monkeypatch, captured_prefix):
+    real = load_model
+
+    def without_pasp(*a, **kw):  # a head trained with rules that never state PASP
+        model, tok, info = real(*a, **kw)
+        info["findings"].usable[len(TRAITS) - 1] = False
+        return model, tok, info
+
+    monkeypatch.setattr(study_report, "load_model", without_pasp)
+    message = error_of(run[0], "--study", 0, "--finding", "pulmonary_artery_pressure_continuous=40")
+    assert "does not define it" in message and captured_prefix == []
+
+
+def test_a_model_without_a_head_writes_a_free_report_and_refuses_findings(run, monkeypatch, capsys):
+    real = load_model
+
+    def headless(*a, **kw):  # what load_model gives for a checkpoint made before the findings head
+        model, tok, info = real(*a, **kw)
+        return model, tok, info | {"findings": None}
+
+    monkeypatch.setattr(study_report, "load_model", headless)
+    assert generate(run[0], "--study", 0) == 0
+    assert "WARNING: this model has no findings head" in capsys.readouterr().out
+    assert "retrained" in error_of(run[0], "--study", 0, "--finding", "pacemaker=1")

@@ -3,6 +3,7 @@ bad-input errors on a 2-step tiny model, and the whole pipeline (synthetic data 
 trained tiny model -> evaluation) beating the prior."""
 
 import json
+from pathlib import Path
 from dataclasses import asdict
 
 import numpy as np
@@ -18,7 +19,7 @@ from echovlm.retrieval import nearest_training_studies
 from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS
 from scripts import base_train, test_inference, tok_train
 from scripts.prepare_dataset import main as prepare_main
-from scripts.test_inference import from_neighbours, from_reports
+from scripts.test_inference import fit_probe, from_neighbours, from_reports
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +58,35 @@ def test_from_reports_scores_the_fraction_of_samples_stating_a_finding():
     assert from_reports([pos, neg], None)["score"] is None
 
 
-def test_from_neighbours_averages_settled_labels_and_takes_the_majority():
+def test_from_neighbours_averages_settled_labels_and_thresholds_at_the_training_prevalence():
     train = {t: np.zeros(5) for t in TRAITS}
     train["mitral_stenosis"] = np.array([1, 1, 0, np.nan, 1.0])
     train["ejection_fraction"] = np.array([50, np.nan, 60, 70, np.nan])
-    neighbours = np.array([[0, 1, 2], [2, 3, 4], [1, 4, 1]])
-    system = from_neighbours(train, neighbours)
-    assert np.allclose(system["score"]["mitral_stenosis"], [2 / 3, 1 / 2, 1.0])
-    assert system["predicted"]["mitral_stenosis"].tolist() == [1.0, 0.0, 1.0]  # a tie is not a majority
+    neighbours = np.array([[0, 1, 2], [2, 3, 4], [1, 4, 1], [2, 2, 2]])
+    prevalence = {t: 0.05 for t in BINARY_TRAITS} | {"mitral_stenosis": 0.6}
+    system = from_neighbours(train, neighbours, prevalence)
+    assert np.allclose(system["score"]["mitral_stenosis"], [2 / 3, 1 / 2, 1.0, 0.0])
+    # a score above the prevalence is positive, not above one half
+    assert system["predicted"]["mitral_stenosis"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert system["predicted"]["pericardial_effusion"].tolist() == [0.0, 0.0, 0.0, 0.0]
     ef = system["predicted"]["ejection_fraction"]
     assert ef[0] == 55 and ef[1] == 65 and np.isnan(ef[2])
+
+
+def test_probe_thresholds_its_probability_at_the_prevalence_and_subsamples():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    train = {t: (x[:, 0] > 1.5).astype(float) for t in BINARY_TRAITS}  # ~7% positive, read from one feature
+    train["ejection_fraction"] = 50 + 10 * x[:, 1]
+    train["pulmonary_artery_pressure_continuous"] = np.full(400, np.nan)  # never stated: N/A, not a crash
+    prevalence = {t: float(train[t].mean()) for t in BINARY_TRAITS}
+    test = np.array([[3.0] + [0.0] * 7, [-3.0] + [0.0] * 7], dtype=np.float32)
+    system, fitted = fit_probe(x, train, test, max_studies=300, seed=0, prevalence=prevalence)
+    assert fitted == 300
+    assert system["predicted"]["aortic_stenosis"].tolist() == [1.0, 0.0]
+    assert 0.5 < system["score"]["aortic_stenosis"][0] <= 1.0
+    assert np.isnan(system["predicted"]["pulmonary_artery_pressure_continuous"]).all()
+    assert system["predicted"]["ejection_fraction"][0] == pytest.approx(50, abs=2)
 
 
 @pytest.mark.slow
@@ -90,8 +110,10 @@ def test_briefly_trained_model_beats_the_prior(tmp_path):
     assert summary["n_studies"] == 96 and summary["samples_k"] == 2
     core = summary["core_metric"]
     assert core["model"] > core["prior"] + 0.05, core
+    assert core["free"] > core["prior"] + 0.05, core  # the GPT alone reads the embeddings too
     table = pd.read_csv(out / "metrics.csv")
-    assert set(table.system) == {"model", "prior", "retrieval", "knn50"}
+    assert set(table.system) == {"model", "free", "head", "prior", "retrieval", "probe", "knn50"}
+    assert (out / "calibration.png").is_file() and 0 <= summary["calibration"]["ece"] < 0.2
     assert set(table.trait) == set(TRAITS)
     language = json.loads((out / "language.json").read_text())
     assert 0 < language["model"]["bleu4"] <= 100
@@ -124,13 +146,18 @@ def test_knn_baseline_is_named_by_its_k_and_contradictions_are_counted(tiny_run,
     metrics = json.loads((out / "metrics.json").read_text())
     summary = metrics["summary"]
     assert summary["knn"] == 7 and summary["knn_system"] == "knn7"
-    assert set(summary["core_metric"]) == {"model", "prior", "retrieval", "knn7"}
-    assert set(pd.read_csv(out / "metrics.csv").system) == {"model", "prior", "retrieval", "knn7"}
+    systems = {"model", "free", "head", "prior", "retrieval", "probe", "knn7"}
+    assert set(summary["core_metric"]) == systems
+    assert set(pd.read_csv(out / "metrics.csv").system) == systems
     md = (out / "metrics.md").read_text()
-    assert "knn7 AUROC" in md and "knn50" not in md
-    # contradictions per 1,000 for the four sources, with per-rule counts that add up to the rate
+    assert "knn7 AUROC" in md and "knn50" not in md and "probe hard" in md
+    # fidelity of the prompted reports is measured over every prompted (study, finding) pair
+    fid = summary["fidelity"]
+    assert fid["findings"]["pairs"] == 6 * len(BINARY_TRAITS) and 0 <= fid["findings"]["agree"] <= 1
+    assert fid["ejection_fraction"]["reports"] == 6 and "stated as prompted" in md
+    # contradictions per 1,000 for the generating sources, with per-rule counts that add up to the rate
     rates, counts = summary["contradictions_per_1000"], summary["contradictions"]
-    assert set(rates) == set(counts) == {"model", "prior", "retrieval", "reference"}
+    assert set(rates) == set(counts) == {"model", "free", "prior", "retrieval", "reference"}
     for source, c in counts.items():
         assert c["n_reports"] == 6 and set(c["per_rule"]) == set(RULES)
         assert rates[source] == pytest.approx(1000 * sum(c["per_rule"].values()) / 6, abs=0.01)
@@ -143,6 +170,23 @@ def test_knn_baseline_is_named_by_its_k_and_contradictions_are_counted(tiny_run,
     (card_run / "eval" / "metrics.json").write_text((out / "metrics.json").read_text())
     row = next(line for line in build_card(card_run).splitlines() if line.startswith("| model |"))
     assert "(knn7)" in row and row.endswith("| 0.0 |"), row
+
+
+@pytest.mark.slow
+def test_base_of_other_data_is_refused_and_a_model_without_a_head_writes_free_reports(tiny_run, trained_run,
+                                                                                      tmp_path, capsys):
+    # trained_run is the same recipe on a dataset at another path: scoring it as --base would score other studies
+    err = error_of(capsys, tiny_run, "--base", trained_run[0], "--out", tmp_path / "refused")
+    assert "trained on other data" in err and "dataset" in err
+    assert not (tmp_path / "refused").exists()
+    data = Path(json.loads((tiny_run / "config.json").read_text())["dataset"])
+    assert base_train.main(["--dataset", str(data), "--run-dir", str(tmp_path), "--run-name", "old", "--depth", "1",
+                            "--num-steps", "2", "--total-batch-size", "4", "--device-batch-size", "4",
+                            "--eval-every", "2", "--eval-studies", "4", "--device", "cpu", "--no-findings"]) == 0
+    assert evaluate(tmp_path / "old", "--out", tmp_path / "eval") == 0
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())["summary"]
+    assert set(summary["core_metric"]) == {"model", "prior", "retrieval", "probe", "knn50"}
+    assert summary["findings_head"] is False and summary["fidelity"] is None
 
 
 class Payload:  # any class: weights_only refuses it before anything of it runs
