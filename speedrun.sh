@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# echovlm speedrun: data -> tokenizer -> model -> clinical-reward fine-tuning -> clinical evaluation (base and
-# fine-tuned) -> one study's report -> report card.
+# echovlm speedrun: data -> tokenizer -> model and findings head -> (clinical-reward fine-tuning, RL_STEPS > 0) ->
+# clinical evaluation against the baselines -> one study's report -> report card.
 #
 #   bash speedrun.sh            # resume the latest run (finished steps are skipped), or start one
 #   bash speedrun.sh --fresh    # start over in a new run directory; earlier runs are never deleted
@@ -22,9 +22,10 @@
 #   DEPTH                         model depth (default: base_train's hardware-aware choice)
 #   NUM_STEPS / EPOCHS            training budget (default: base_train's hardware-aware choice)
 #   DEVICE_BATCH / TOTAL_BATCH    per-GPU micro batch / global batch in sequences
-#   RL_STEPS                      clinical-reward fine-tuning steps, 0 = none (default: rl_train's hardware-aware choice)
-#   ECHOPRIME_RULES               label reports with EchoPrime's per_section.json (file or checkout) in the reward and
-#                                 the evaluation, instead of echovlm.clinical's rules
+#   RL_STEPS                      clinical-reward fine-tuning steps (default 0 = none: it cannot improve the findings
+#                                 the reports state, which the findings head decides; README "What the default keeps")
+#   ECHOPRIME_RULES               label reports with EchoPrime's per_section.json (file or checkout) for the findings
+#                                 head and prompts, the reward and the evaluation, instead of echovlm.clinical's rules
 #   EVAL_STUDIES                  test studies scored (default: all of the test split; 500 on CPU)
 #   EVAL_SAMPLES                  sampled reports per study for the AUROC score, 0: greedy only (default: test_inference's)
 #   STUDY_DIR                     your own echo study (DICOM/AVI/MP4 folder) for the last step
@@ -279,7 +280,9 @@ fi
 # ---------------------------------------------------------------- the pipeline
 VOCAB=()  # unset: the scripts' default size (echovlm.vocabulary.DEFAULT_VOCAB_SIZE)
 [[ -n "${VOCAB_SIZE:-}" ]] && VOCAB=(--vocab-size "$VOCAB_SIZE")
-TRAIN_ARGS=(--dataset "$DATASET" --run-dir "$RUN" --run-name model --seed "$SEED" "${VOCAB[@]}")
+RULES=()
+[[ -n "${ECHOPRIME_RULES:-}" ]] && RULES=(--echoprime-rules "$ECHOPRIME_RULES")
+TRAIN_ARGS=(--dataset "$DATASET" --run-dir "$RUN" --run-name model --seed "$SEED" "${VOCAB[@]}" "${RULES[@]}")
 [[ -n "${DEPTH:-}" ]] && TRAIN_ARGS+=(--depth "$DEPTH")
 [[ -n "${NUM_STEPS:-}" ]] && TRAIN_ARGS+=(--num-steps "$NUM_STEPS")
 [[ -n "${EPOCHS:-}" ]] && TRAIN_ARGS+=(--epochs "$EPOCHS")
@@ -295,14 +298,12 @@ if [[ ! -f "$RUN/steps/base_train.done" && -d "$RUN/model" ]]; then
   fi
 fi
 
-# the clinical-reward stage fine-tunes the base model into RUN/rl, which the evaluation and the report then use;
-# the evaluation scores the base model beside it on the same test studies, so the card shows both
-RULES=()
-[[ -n "${ECHOPRIME_RULES:-}" ]] && RULES=(--echoprime-rules "$ECHOPRIME_RULES")
+# the clinical-reward stage (RL_STEPS > 0) fine-tunes the base model into RUN/rl, which the evaluation and the
+# report then use; the evaluation scores the base model beside it on the same test studies, so the card shows both
 FINAL="$RUN/model"
 RL_ARGS=(--base "$RUN/model" --run-dir "$RUN" --run-name rl --seed "$SEED" "${RULES[@]}")
 [[ -n "${RL_STEPS:-}" ]] && RL_ARGS+=(--num-steps "$RL_STEPS")
-if [[ -z "${RL_STEPS:-}" ]] || (( 10#$RL_STEPS > 0 )); then  # as a number: RL_STEPS=00 is 0 too
+if [[ -n "${RL_STEPS:-}" ]] && (( 10#$RL_STEPS > 0 )); then  # as a number: RL_STEPS=00 is 0 too
   FINAL="$RUN/rl"
   if [[ ! -f "$RUN/steps/rl_train.done" && -d "$RUN/rl" ]]; then
     if [[ -f "$RUN/rl/checkpoints/last.pt" ]]; then
