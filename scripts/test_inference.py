@@ -385,7 +385,7 @@ def main(argv=None):
     p.add_argument("--weight-studies", type=int, default=5000,
                    help="training reports whose labels set the consensus's trait weights (prevalences)")
     p.add_argument("--knn", type=int, default=50, help="neighbours averaged by the kNN baseline")
-    p.add_argument("--probe-studies", type=int, default=200_000,
+    p.add_argument("--probe-studies", type=int, default=50_000,
                    help="training studies the probe baseline is fitted on (a seeded subsample when the split is larger)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--echoprime-rules", help="label with EchoPrime's per_section.json (file or checkout) (default: the "

@@ -126,6 +126,7 @@ def test_the_checker_reads_help_texts():
 @pytest.mark.parametrize("name,argv,says", [
     ("bench_generate", ["--studies", "4", "--single-studies", "9"], "--single-studies must be between 1 and --studies"),
     ("bench_tokenizer", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("bench_labels", ["--workers", "0"], "--workers must be at least 1"),
     ("tok_eval", ["--input", "corpus.txt"], "--tokenizer is required with --input"),
     ("tok_eval", ["--dataset", "nowhere", "--sweep", "500,a"], "--sweep must be comma-separated integers"),
 ])
