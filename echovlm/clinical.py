@@ -40,6 +40,7 @@ sections and traits are echovlm/vocabulary.py's, shared with the synthetic gener
 """
 
 import bisect
+import functools
 import itertools
 import re
 from dataclasses import dataclass
@@ -82,7 +83,9 @@ SEVERITY = [
     (r"trace|trivial|minimal(?:ly)?|mild(?:ly)?|small|tiny|physiologic(?:al)?|borderline|slight(?:ly)?", "low"),
     (r"moderate(?:ly)?|severe(?:ly)?|large|critical|massive(?:ly)?|marked(?:ly)?|torrential|huge", "high"),
 ]
-SEVERITY_RE = re.compile("|".join(rf"(?<![\w+])(?P<{level}{i}>{p})(?!\w)" for i, (p, level) in enumerate(SEVERITY)))
+# one lookbehind for all the alternatives, not one each: the same matches, scanned 2x faster
+SEVERITY_RE = re.compile(r"(?<![\w+])(?:" + "|".join(rf"(?P<{level}{i}>{p})(?!\w)" for i, (p, level) in enumerate(SEVERITY))
+                         + ")")
 # "cannot rule out X" and "X cannot be excluded" leave X unsettled, so they do not count either
 NEGATION_RE = re.compile(r"\b(?:no|not|without|absent|negative for|absence of|free of|rule out|ruled out|"
                          r"exclude|excluded|neither|nor|never)\b")
@@ -123,19 +126,25 @@ STENOSIS = r"stenosis"
 REGURGITATION = r"regurgitation|insufficiency|regurgitant jet"
 
 
+# At most this many other valves listed before (and after) the one a finding is about. Unbounded, a run of other
+# valves' names with no finding at its end was rescanned from each of its words, which is quadratic (50 KB of
+# "aortic, " before "stenosis" took 8 s); four valves, each named twice at most, fit.
+LIST_ITEMS = 6
+
+
 def valve(name: str, nouns: str, adjective: str) -> tuple[str, ...]:
     """A valve finding, also inside a list of valves: 'moderate mitral and tricuspid regurgitation'."""
     others = "|".join(w for v, w in VALVE_WORDS.items() if v != name)
     joint = r"(?:,? and|,|,? or)"
-    subject = (rf"\b(?:(?:{others})(?: valve)?{joint} )*(?:{VALVE_WORDS[name]})(?: valve)?"
-               rf"(?:{joint} (?:{others})(?: valve)?)*")
+    subject = (rf"\b(?:(?:{others})(?: valve)?{joint} ){{0,{LIST_ITEMS}}}(?:{VALVE_WORDS[name]})(?: valve)?"
+               rf"(?:{joint} (?:{others})(?: valve)?){{0,{LIST_ITEMS}}}")
     if nouns != REGURGITATION:
         return phrases(subject, nouns, adjective)
     # "severe MR and TR"
     short = {"aortic": r"ar|ai", "mitral": r"mr", "tricuspid": r"tr", "pulmonic": r"pr"}
     others = "|".join(w for v, w in short.items() if v != name)
     return phrases(subject, nouns, adjective) + (
-        rf"\b(?:(?:{others}){joint} )*(?:{short[name]})(?:{joint} (?:{others}))*\b",)
+        rf"\b(?:(?:{others}){joint} ){{0,{LIST_ITEMS}}}(?:{short[name]})(?:{joint} (?:{others})){{0,{LIST_ITEMS}}}\b",)
 
 
 DILATED = r"dilated|enlarged"
@@ -336,7 +345,7 @@ def _expand_abbreviations(line: str) -> str:
 
 def sentences(text: str) -> list[tuple[str | None, str]]:
     """(section or None, normalised sentence) pairs in report order."""
-    lines: list[tuple[str | None, str]] = []
+    lines: list[tuple[str | None, list[str]]] = []
     section = None
     for raw in SEP_RE.sub("\n", text).splitlines():
         line = raw.strip()
@@ -345,46 +354,154 @@ def sentences(text: str) -> list[tuple[str | None, str]]:
         header = _HEADER_RE.match(line)
         if header:
             section, line = header.group(1).lower(), line[header.end():]
-            lines.append((section, line))
+            lines.append((section, [line]))
         elif lines and line[0].islower():  # a wrapped line continues its sentence
-            lines[-1] = (section, lines[-1][1] + " " + line)
+            lines[-1][1].append(line)  # joined once below: joining here copies the line again per wrap (quadratic)
         else:
-            lines.append((section, line))
+            lines.append((section, [line]))
     out = []
-    for section, line in lines:
+    for section, parts in lines:
+        line = " ".join(parts)
         out += [(section, s.strip()) for s in _SENTENCE_END_RE.split(normalise(_split_run_ons(_expand_abbreviations(line)))) if s.strip()]
     return out
 
 # ------------------------------------------------------------------ our rules
 
 
+def _level(m: re.Match) -> str:
+    """'low' or 'high' for a match of SEVERITY_RE."""
+    return m.lastgroup.rstrip("0123456789")
+
+
 def _severity(text: str, last: bool) -> str | None:
     """'low' or 'high' for the last (or first) severity word in text, None if it has none."""
-    found = list(SEVERITY_RE.finditer(text))
-    return found[-1 if last else 0].lastgroup.rstrip("0123456789") if found else None
+    found = list(SEVERITY_RE.finditer(text)) if last else [m for m in [SEVERITY_RE.search(text)] if m]
+    return _level(found[-1 if last else 0]) if found else None
 
 
-def _clause(sentence: str, start: int, end: int) -> tuple[int, int]:
-    lo = max((m.end() for m in BOUNDARY_RE.finditer(sentence, 0, start)), default=0)
-    after = BOUNDARY_RE.search(sentence, end)
-    return lo, after.start() if after else len(sentence)
+# how far back the end of a stretch is read again (see _Sentence), and how far before a comma "a large,
+# circumferential effusion" looks: the longest severity phrase ("no more than moderately") is 23 characters, and a
+# normalised sentence has one space at most before the comma
+SEVERITY_WIDTH = 32
 
 
-def _affirmed(sentence: str, start: int, end: int, graded: bool) -> bool:
-    """Is the finding at sentence[start:end] stated (not negated), and at moderate or worse when graded?"""
-    lo, hi = _clause(sentence, start, end)
-    pre, inside, post = sentence[lo:start], sentence[start:end], sentence[end:hi]
-    if NEGATION_RE.search(PSEUDO_NEGATION_RE.sub(" ", pre + inside)) or NEGATED_AFTER_RE.match(post):
+class _Sentence:
+    """A sentence with the matches _affirmed asks about found once, in one scan each.
+
+    _affirmed reads the stretch of the sentence around each finding: its clause, and the negations and severity
+    words before and after the finding. Scanning that stretch again for every finding is quadratic in a long
+    sentence that repeats one ("tr, tr, ..." for 50 KB took a minute); with the sentence scanned once, each
+    question is a bisect. The sentence's scan finds what a stretch's own scan finds, as each of these matches is
+    a whole word (or punctuation) and never straddles the edge of a clause or a finding; except at the end of the
+    stretch before a finding, where the stretch stops and the sentence goes on: "3+MR", "severeleft atrium" hold a
+    severity word only when cut there. Those last few characters are read again as the stretch reads them.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        self.blocked: dict[tuple, bool] = {}  # (blockers pattern, lo, hi) -> does the clause name a blocker
+
+    # each scan is made when first asked for: most sentences read hold no finding, and need none of them
+    @functools.cached_property
+    def bounds(self) -> tuple[list[int], list[int]]:
+        found = [m.span() for m in BOUNDARY_RE.finditer(self.text)]
+        return [a for a, _ in found], [b for _, b in found]
+
+    @functools.cached_property
+    def negations(self) -> tuple[list[int], list[int]]:
+        # a pseudo-negation ("no change") is blanked out, not removed, so positions stay those of the text
+        blanked = PSEUDO_NEGATION_RE.sub(lambda m: " " * len(m.group()), self.text)
+        found = [m.span() for m in NEGATION_RE.finditer(blanked)]
+        return [a for a, _ in found], [b for _, b in found]
+
+    @functools.cached_property
+    def finding_word_ends(self) -> list[int]:
+        return [m.end() for m in FINDING_WORD_RE.finditer(self.text)]
+
+    @functools.cached_property
+    def severities(self) -> tuple[list[int], list[int], list[str]]:
+        found = list(SEVERITY_RE.finditer(self.text))
+        return [m.start() for m in found], [m.end() for m in found], [_level(m) for m in found]
+
+    def clause(self, start: int, end: int) -> tuple[int, int]:
+        """The clause around text[start:end]: from the last boundary before it to the first after it."""
+        starts, ends = self.bounds
+        i = bisect.bisect_right(ends, start)
+        lo = ends[i - 1] if i else 0
+        if self.ends_at(BOUNDARY_RE, lo, start, width=8):
+            lo = start  # "andleft atrium": a boundary word where the text before the finding stops
+        j = bisect.bisect_left(starts, end)
+        return lo, starts[j] if j < len(starts) else len(self.text)
+
+    def runs_into(self, start: int) -> bool:
+        """Does the text before `start` run into it without a space? Only then can a scan of the text cut there
+        find what the sentence's scan does not (sentences are normalised: words are one space apart)."""
+        return start > 0 and not self.text[start - 1].isspace()
+
+    def ends_at(self, pattern: re.Pattern, lo: int, start: int, width: int) -> bool:
+        """Does a match of pattern (at most `width` long) within text[lo:start] end right at `start`?"""
+        return self.runs_into(start) and any(m.end() == start for m in pattern.finditer(self.text, max(lo, start - width),
+                                                                                         start))
+
+    def negated_before(self, lo: int, end: int) -> bool:
+        """Does a negation (not a pseudo-negation) lie within text[lo:end]?"""
+        starts, ends = self.negations
+        i = bisect.bisect_left(starts, lo)
+        return i < len(starts) and ends[i] <= end
+
+    def last_finding_word_end(self, lo: int, start: int) -> int:
+        """Where the last finding word within text[lo:start] ends (lo if there is none)."""
+        if self.ends_at(FINDING_WORD_RE, lo, start, width=16):
+            return start  # "dilatedleft atrium": a finding word where the text before the finding stops
+        i = bisect.bisect_right(self.finding_word_ends, start) - 1
+        return max(lo, self.finding_word_ends[i]) if i >= 0 else lo
+
+    def severity_before(self, lo: int, start: int) -> str | None:
+        """The level of the last severity word within text[lo:start]."""
+        starts, ends, levels = self.severities
+        q = start
+        if self.runs_into(start):  # the end of the stretch is scanned again, from a point outside any match
+            q = max(lo, start - SEVERITY_WIDTH)
+            i = bisect.bisect_right(starts, q) - 1
+            if i >= 0 and ends[i] > q:
+                q = max(lo, starts[i])
+            tail = list(SEVERITY_RE.finditer(self.text, q, start))
+            if tail:
+                return _level(tail[-1])
+        i = bisect.bisect_right(ends, q) - 1
+        return levels[i] if i >= 0 and starts[i] >= lo else None
+
+    def severity_after(self, end: int, hi: int) -> str | None:
+        """The level of the first severity word within text[end:hi]."""
+        starts, ends, levels = self.severities
+        i = bisect.bisect_left(starts, end)
+        if i < len(starts) and ends[i] <= hi:
+            return levels[i]
+        edge = SEVERITY_RE.match(self.text, hi - 2, hi) if hi - 2 >= end else None  # "3+and": cut at the boundary
+        return _level(edge) if edge else None
+
+    def names_blocker(self, blockers: re.Pattern, lo: int, hi: int) -> bool:
+        key = (blockers, lo, hi)  # one search per clause, however many bare findings it holds
+        if key not in self.blocked:
+            self.blocked[key] = bool(blockers.search(self.text[lo:hi]))
+        return self.blocked[key]
+
+
+def _affirmed(s: _Sentence, start: int, end: int, graded: bool) -> bool:
+    """Is the finding at s.text[start:end] stated (not negated), and at moderate or worse when graded?"""
+    sentence = s.text
+    lo, hi = s.clause(start, end)
+    if s.negated_before(lo, end) or NEGATED_AFTER_RE.match(sentence, end, hi):
         return False
     if not graded:
         return True
-    own_pre = pre[max((m.end() for m in FINDING_WORD_RE.finditer(pre)), default=0):]
-    level = _severity(inside, last=True) or _severity(own_pre, last=True) or _severity(post, last=False)
+    level = (_severity(sentence[start:end], last=True) or s.severity_before(s.last_finding_word_end(lo, start), start)
+             or s.severity_after(end, hi))
     if level is None and sentence[lo - 1:lo] == ",":  # "a large, circumferential effusion"
-        m = SEVERITY_BEFORE_COMMA_RE.search(sentence[:lo - 1])
+        m = SEVERITY_BEFORE_COMMA_RE.search(sentence, max(0, lo - 1 - SEVERITY_WIDTH), lo - 1)
         level = m and _severity(m.group("s"), last=True)
     if level is None and sentence[hi:hi + 1] == ",":  # "pericardial effusion, moderate in size"
-        m = SEVERITY_AFTER_COMMA_RE.match(sentence[hi:])
+        m = SEVERITY_AFTER_COMMA_RE.match(sentence, hi)
         level = m and _severity(m.group("s"), last=True)
     return level == "high"
 
@@ -406,19 +523,20 @@ class _Compiled:
         self.blockers = joined([STRUCTURES[s] for s in f.blocked_by if s not in f.about])
 
 
-def _stated(f: _Compiled, section: str | None, sentence: str) -> bool:
+def _stated(f: _Compiled, section: str | None, s: _Sentence) -> bool:
+    sentence = s.text
     for pattern, graded in f.phrases:
-        if any(_affirmed(sentence, m.start(), m.end(), graded) for m in pattern.finditer(sentence)):
+        if any(_affirmed(s, m.start(), m.end(), graded) for m in pattern.finditer(sentence)):
             return True
     named = f.about.search(sentence) if f.about else None
     if not (named or SECTION_STRUCTURE.get(section) in f.about_names):
         return False
     if f.bare:
         for m in f.bare.finditer(sentence):
-            lo, hi = _clause(sentence, m.start(), m.end())
-            if f.blockers and f.blockers.search(sentence[lo:hi]):
+            lo, hi = s.clause(m.start(), m.end())
+            if f.blockers and s.names_blocker(f.blockers, lo, hi):
                 continue
-            if _affirmed(sentence, m.start(), m.end(), f.graded):
+            if _affirmed(s, m.start(), m.end(), f.graded):
                 return True
     if f.at_least_cm is not None:
         size = SIZE_RE.search(sentence, named.end() if named else 0)
@@ -464,11 +582,18 @@ class Rules:
         starts = list(itertools.accumulate((len(s) + 1 for _, s in sents), initial=0))
         out = {t: None for t in TRAITS}
         candidates = {}  # words regex -> sentences it occurs in; several findings share one
+        read: dict[int, _Sentence] = {}  # sentence index -> the sentence read once, for every finding that looks at it
+
+        def sentence(i: int) -> _Sentence:
+            if i not in read:
+                read[i] = _Sentence(sents[i][1])
+            return read[i]
+
         for trait, f in self._findings.items():
             # one search over the whole report picks the few sentences worth a closer look
             if f.words not in candidates:
                 candidates[f.words] = sorted({bisect.bisect_right(starts, m.start()) - 1 for m in f.words.finditer(whole)})
-            out[trait] = int(any(_stated(f, *sents[i]) for i in candidates[f.words]))
+            out[trait] = int(any(_stated(f, sents[i][0], sentence(i)) for i in candidates[f.words]))
         for trait, (groups, low, high) in self._values.items():
             out[trait] = _value(groups, low, high, sents)
         return out
