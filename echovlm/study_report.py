@@ -375,7 +375,8 @@ class Reporter:
         room = seq_len - (prefix.shape[0] + self.model.config.n_prompt + 1)  # prefix rows, prompt, <|bos|> first
         if room < 1:
             raise ReportError(f"the study has {prefix.shape[0]} embedding rows, but this model's sequence length "
-                              f"{seq_len} leaves room for a report only after at most {seq_len - 2} rows; give fewer "
+                              f"{seq_len} leaves room for a report only after at most "
+                              f"{seq_len - self.model.config.n_prompt - 2} rows; give fewer "
                               "rows (e.g. their mean)")
         if max_tokens is not None and max_tokens > room:
             raise ReportError(f"--max-tokens {max_tokens} does not fit: after {prefix.shape[0]} embedding row(s) this "

@@ -211,6 +211,9 @@ def test_bad_flags_are_one_line(tmp_path, capsys):
     assert "--temperature must be a finite number" in error_of(capsys, run, "--temperature", "nan")
     assert "--max-tokens must be >= 1" in error_of(capsys, run, "--max-tokens", -5)
     assert "--echoprime-rules" in error_of(capsys, run, "--echoprime-rules", tmp_path / "nowhere.json")
+    # a rules file that labels nothing is refused before any model is loaded or report generated (issue 17 item 6)
+    (tmp_path / "empty.json").write_text("{}")
+    assert "--echoprime-rules" in error_of(capsys, run, "--echoprime-rules", tmp_path / "empty.json")
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     assert "cannot be created" in error_of(capsys, run, "--out", blocker / "eval")
