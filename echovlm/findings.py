@@ -270,9 +270,17 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
              epochs: int = 100, batch_size: int = 512, lr: float = 1e-3, weight_decay: float = 0.05,
              patience: int = 10, seed: int = 0, device="cpu", log=print) -> tuple[FindingsHead, dict]:
     """Train a FindingsHead on (features, labels) with labels (N, 25) in TRAITS order (NaN = unsettled), keep the
-    epoch with the lowest val loss, set the decision thresholds on val. Returns (head on CPU, summary)."""
+    epoch with the lowest val loss, set the decision thresholds on val. Returns (head on CPU, summary). The
+    global RNG is left as it was: base_train fits the head between seeding and training."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _fit_head(train_x, train_y, val_x, val_y, hidden, epochs, batch_size, lr, weight_decay, patience,
+                         seed, device, log)
+
+
+def _fit_head(train_x, train_y, val_x, val_y, hidden, epochs, batch_size, lr, weight_decay, patience, seed, device,
+              log):
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     dev = torch.device(device)
     xt, xv = (torch.as_tensor(np.asarray(a, dtype=np.float32), device=dev) for a in (train_x, val_x))
     yt, yv = (torch.as_tensor(np.asarray(a, dtype=np.float32), device=dev) for a in (train_y, val_y))

@@ -483,7 +483,7 @@ def main(argv=None):
     systems, texts, extra, gen_n, gen_s = {}, {}, {}, 0, 0.0
     gen = dict(max_tokens=args.max_tokens, batch_size=args.batch_size, progress=True)
 
-    def model_system(eng, decider, embs, seed, what):
+    def model_system(eng, decider, embs, seed, what, retries=args.samples):
         """(system, texts, labels, generated, seconds, decisions) of one model's default report on embs."""
         nonlocal gen_n, gen_s
         if decider is None:  # a model without a head: its free report is what a user gets
@@ -495,7 +495,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         decided = decide(decider, mean_features(embs))
         print0(f"{what}: reports prompted with the findings head's decisions")
-        text, lab, c = prompted_reports(eng, embs, decided["codes"], decided["values"], labels, retries=args.samples,
+        text, lab, c = prompted_reports(eng, embs, decided["codes"], decided["values"], labels, retries=retries,
                                         temperature=args.temperature, seed=seed, top_k=args.top_k, **gen)
         gen_n, gen_s = gen_n + c, gen_s + time.perf_counter() - t0
         return from_head(decided, lab), text, lab, decided
@@ -523,7 +523,8 @@ def main(argv=None):
     if base is not None:  # the same studies and seed, so the two models' reports differ only by their weights
         systems["base"], texts["base"], _, _ = model_system(Engine(base[0], base[1]), base[2]["findings"], embeddings,
                                                             args.seed, "base")
-    systems["prior"], texts["prior"], _, _ = model_system(engine, head, shuffled, args.seed + 1, "prior")
+    # the prior only shows what is written without the study: its reports need no retries to state their prompts
+    systems["prior"], texts["prior"], _, _ = model_system(engine, head, shuffled, args.seed + 1, "prior", retries=0)
 
     print0(f"retrieval: the {args.knn} nearest training studies of each test study")
     query = torch.from_numpy(features).to(device)
