@@ -316,6 +316,8 @@ class Reporter:
             raise ReportError(f"--video-batch must be >= 1, got {video_batch}")
         check_generation(temperature, top_k, max_tokens, decode, samples)
         overrides = self.overrides(findings)
+        if decode == "consensus" and temperature == 0:  # greedy samples would all be one report: they are drawn at 1
+            temperature = 1.0
         info, t0 = self.info, time.time()
         provenance = {"run": str(self.run.resolve()), "checkpoint": str(Path(info["checkpoint"]).resolve()),
                       "step": info["step"], "val_bpb": info["val_bpb"], "model_config": info["config"],

@@ -379,3 +379,10 @@ def test_a_model_without_a_head_writes_a_free_report_and_refuses_findings(run, m
     assert generate(run[0], "--study", 0) == 0
     assert "WARNING: this model has no findings head" in capsys.readouterr().out
     assert "retrained" in error_of(run[0], "--study", 0, "--finding", "pacemaker=1")
+
+
+def test_consensus_at_temperature_0_records_the_temperature_it_sampled_at(run, tmp_path):
+    # the samples of a consensus are drawn at 1.0 when 0 is asked (0 would make every sample the greedy report)
+    assert generate(run[0], "--study", 0, "--decode", "consensus", "--temperature", "0", "--samples", "2",
+                    "--out", tmp_path / "r") == 0
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["provenance"]["generation"]["temperature"] == 1.0
