@@ -36,7 +36,8 @@ def clip_sprite(clip) -> bytes:
 def _inline(text: str, image_url) -> str:
     """Escaped text with markdown images, `code` and **bold**."""
     out, last = [], 0
-    for m in re.finditer(r"!\[([^\]]*)\]\(([^)\s]+)\)", text):
+    # bounded alt text and path: an unbounded [^\]]* rescans to the end from every "![" (quadratic on "![![![...")
+    for m in re.finditer(r"!\[([^\]\n]{0,300})\]\(([^)\s]{1,1000})\)", text):
         out.append(_emphasis(text[last:m.start()]))
         out.append(f'<img alt="{html.escape(m.group(1))}" src="{html.escape(image_url(m.group(2)))}">')
         last = m.end()

@@ -188,3 +188,15 @@ def test_labels_are_those_of_the_quadratic_patterns():
 
 if __name__ == "__main__":  # python -m tests.test_regex_linear prints the digests of the code on the path
     print(digests())
+
+
+@pytest.mark.parametrize("fragment", ["![", "![x](", "![x]", "**", "`"])
+def test_run_card_markdown_renders_adversarial_50kb_in_linear_time(fragment):
+    # a run's report.md reaches the page's markdown renderer; "![" repeated rescanned to the end from each one
+    from echovlm.web import markdown_html
+
+    text = fragment * (50_000 // len(fragment))
+    start = time.process_time()
+    markdown_html(text, lambda path: path)
+    assert time.process_time() - start < 0.5
+    assert '<img alt="a" src="p.png">' in markdown_html("![a](p.png)", lambda path: path)
