@@ -86,12 +86,13 @@ def test_each_step_leaves_well_formed_outputs(run):
     for name in ("train.csv", "val.csv", "train.png", "val.png", "checkpoints/best.pt", "checkpoints/last.pt"):
         assert (model / name).is_file(), name
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert set(metrics["summary"]["core_metric"]) == {"model", "prior", "retrieval", "knn50"}
-    assert metrics["summary"]["n_studies"] == 12
-    for name in ("metrics.csv", "metrics.md", "samples.md", "traits.png", "language.json"):
+    assert set(metrics["summary"]["core_metric"]) == {"model", "free", "head", "prior", "retrieval", "probe", "knn50"}
+    assert metrics["summary"]["n_studies"] == 12 and metrics["summary"]["fidelity"]["findings"]["pairs"] > 0
+    for name in ("metrics.csv", "metrics.md", "samples.md", "traits.png", "calibration.png", "language.json"):
         assert (run_dir / "eval" / name).is_file(), name
     report = json.loads((run_dir / "generate" / "report.json").read_text())
     assert report["report"].strip() and set(report["findings"]) and report["reference_report"]
+    assert {r["source"] for r in report["findings_prompt"]} == {"head"}  # the run's head decided every finding
 
 
 @pytest.mark.slow
@@ -106,7 +107,7 @@ def test_the_report_card_holds_the_numbers_the_steps_wrote(run):
     assert f"best {summary['best_val_bpb']:.4f}" in card and f"final {summary['final_val_bpb']:.4f}" in card
     assert (run_dir / "eval" / "metrics.md").read_text().strip() in card
     assert json.loads((run_dir / "generate" / "report.json").read_text())["report"] in card
-    for png in ("model/train.png", "model/val.png", "eval/traits.png"):
+    for png in ("model/train.png", "model/val.png", "eval/traits.png", "eval/calibration.png"):
         assert f"]({png})" in card
     with open(run_dir / "steps.tsv") as f:
         for name, seconds in csv.reader(f, delimiter="\t"):
