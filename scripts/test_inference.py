@@ -247,6 +247,17 @@ def fmt_share(x) -> str:
     return "N/A" if x is None else f"{x:.2%}"
 
 
+def save_png(fig, path: Path):
+    """Write a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_calibration(path: Path, calibration: dict):
     import matplotlib
 
@@ -264,11 +275,7 @@ def plot_calibration(path: Path, calibration: dict):
     ax.set_ylabel("observed frequency")
     ax.set_title(f"reliability over (study, finding) pairs, ECE {calibration['ece']:.4f}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def plot_traits(path: Path, table: pd.DataFrame, systems: tuple[str, ...]):
@@ -301,11 +308,7 @@ def plot_traits(path: Path, table: pd.DataFrame, systems: tuple[str, ...]):
     ax2.axhline(0, color="grey", lw=0.8)
     ax2.set_ylabel("R^2 (N/A drawn as 0)")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def language_metrics(hypotheses: dict[str, list[str]], references: list[str]) -> dict:
