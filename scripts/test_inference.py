@@ -60,6 +60,7 @@ import pandas as pd
 import torch
 
 from echovlm import consistency
+from echovlm.baselines import fit_probe, from_neighbours
 from echovlm.checkpoint import load_model
 from echovlm.clinical import extract_labels
 from echovlm.common import (atomic_write_bytes, atomic_write_json, atomic_write_text, autodetect_device, fail,
@@ -124,50 +125,6 @@ def pick_reports(greedy_text, greedy, sampled_text, sampled, decode: str, weight
         texts.append(cand_text[i])
         labels.append(cand[i])
     return texts, labels
-
-
-def from_scores(score: dict[str, np.ndarray], values: dict[str, np.ndarray], prevalence: dict[str, float]) -> dict:
-    """A score-based baseline: hard label = score above the trait's training prevalence (NaN stays NaN)."""
-    predicted = {t: np.where(np.isnan(s), np.nan, (s > prevalence[t]).astype(float)) for t, s in score.items()}
-    predicted.update(values)
-    return {"predicted": predicted, "score": score}
-
-
-def from_neighbours(train: dict[str, np.ndarray], neighbours: np.ndarray, prevalence: dict[str, float]) -> dict:
-    """Score = mean label of the neighbours that settle the trait; hard label = score above the training
-    prevalence; value = mean value."""
-    def mean_rows(a):
-        ok = ~np.isnan(a)
-        return np.where(ok.any(1), np.nansum(a, 1) / np.maximum(ok.sum(1), 1), np.nan)
-
-    return from_scores({t: mean_rows(train[t][neighbours]) for t in BINARY_TRAITS},
-                       {t: mean_rows(train[t][neighbours]) for t in CONTINUOUS_TRAITS}, prevalence)
-
-
-def fit_probe(train_x: np.ndarray, train: dict[str, np.ndarray], test_x: np.ndarray, max_studies: int, seed: int,
-              prevalence: dict[str, float]) -> tuple[dict, int]:
-    """The probe baseline (scikit-learn): a logistic regression per binary trait and a ridge per value on the
-    standardised mean embeddings of at most max_studies training studies (a seeded subsample). (system, fitted on)."""
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    rows = np.arange(len(train_x))
-    if len(rows) > max_studies:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_studies, replace=False))
-    score, values = {}, {}
-    for t in TRAITS:
-        y = train[t][rows]
-        ok = ~np.isnan(y)
-        one_class = TRAITS[t] == "binary" and len(np.unique(y[ok])) < 2
-        if ok.sum() < 10 or one_class:  # nothing to learn: the trait is N/A for the probe
-            (score if TRAITS[t] == "binary" else values)[t] = np.full(len(test_x), np.nan)
-        elif TRAITS[t] == "binary":
-            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-            score[t] = model.fit(train_x[rows][ok], y[ok]).predict_proba(test_x)[:, 1]
-        else:
-            values[t] = make_pipeline(StandardScaler(), Ridge()).fit(train_x[rows][ok], y[ok]).predict(test_x)
-    return from_scores(score, values, prevalence), len(rows)
 
 
 def generate_reports(engine, embeddings, args, seed: int, what: str, samples: bool = True):

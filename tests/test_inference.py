@@ -3,14 +3,15 @@ bad-input errors on a 2-step tiny model, and the whole pipeline (synthetic data 
 trained tiny model -> evaluation) beating the prior."""
 
 import json
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from echovlm.baselines import fit_probe, from_neighbours
 from echovlm.consistency import RULES
 from echovlm.dataset import open_dataset
 from echovlm.gpt import GPT, GPTConfig
@@ -19,7 +20,7 @@ from echovlm.retrieval import nearest_training_studies
 from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS
 from scripts import base_train, test_inference, tok_train
 from scripts.prepare_dataset import main as prepare_main
-from scripts.test_inference import fit_probe, from_neighbours, from_reports
+from scripts.test_inference import from_reports
 
 
 @pytest.fixture(scope="module")
