@@ -71,8 +71,8 @@ class Branch(nn.Module):
             nn.init.zeros_(self.mlp[2].weight)
             nn.init.zeros_(self.mlp[2].bias)
 
-    def forward(self, z):
-        return self.linear(z) + (self.mlp(z) if self.mlp is not None else 0.0)
+    def forward(self, z, linear_only: bool = False):
+        return self.linear(z) + (self.mlp(z) if self.mlp is not None and not linear_only else 0.0)
 
 
 class FindingsHead(nn.Module):
@@ -91,9 +91,9 @@ class FindingsHead(nn.Module):
             self.register_buffer(name, torch.zeros(size) if "mean" in name or name == "thresholds" else torch.ones(size))
         self.register_buffer("usable", torch.zeros(NB + NV, dtype=torch.bool))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, linear_only: bool = False):
         z = (x - self.x_mean) / self.x_std
-        return self.binary(z), self.values(z)
+        return self.binary(z, linear_only), self.values(z, linear_only)
 
     @torch.no_grad()
     def predict(self, features: np.ndarray) -> dict:
@@ -297,9 +297,9 @@ def _fit_head(train_x, train_y, val_x, val_y, hidden, epochs, batch_size, lr, we
         if len(v) >= 2:
             head.y_mean[j], head.y_std[j] = v.mean(), v.std().clamp(min=1e-6)
 
-    def losses(x, y):
+    def losses(x, y, linear_only=False):
         """(binary loss, value loss): each trait counts equally, whatever share of studies settle it."""
-        logits, values = head(x)
+        logits, values = head(x, linear_only)
         ok_b = ~torch.isnan(y[:, :NB]) & usable[:NB]
         lb = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(y[:, :NB]), reduction="none")
         z = (y[:, NB:] - head.y_mean) / head.y_std
@@ -315,7 +315,8 @@ def _fit_head(train_x, train_y, val_x, val_y, hidden, epochs, batch_size, lr, we
         return {name: v.detach().clone() for name, v in module.state_dict().items()}
 
     # stage 1, the linear maps alone: full-batch L-BFGS with an L2 penalty, the strength chosen on val per branch
-    # (a regularised logistic regression per finding and a ridge per value: the probe baseline, fitted well)
+    # (a regularised logistic regression per finding and a ridge per value: the probe baseline, fitted well);
+    # the MLPs, still zero, are left out of these passes: they would cost 20x the linear maps' arithmetic
     best = {k: (float("inf"), None, None) for k in branches}  # (val loss, what was kept, state) per branch
     linear = [p for b in branches.values() for p in b.linear.parameters()]
     for l2 in L2_GRID:
@@ -325,13 +326,13 @@ def _fit_head(train_x, train_y, val_x, val_y, hidden, epochs, batch_size, lr, we
 
         def closure():
             opt.zero_grad(set_to_none=True)
-            loss = sum(losses(xt, yt)) + 0.5 * l2 * sum(b.linear.weight.square().sum() for b in branches.values())
+            loss = sum(losses(xt, yt, linear_only=True)) + 0.5 * l2 * sum(b.linear.weight.square().sum() for b in branches.values())
             loss.backward()
             return loss
 
         opt.step(closure)
         with torch.no_grad():
-            val = dict(zip(branches, (float(v) for v in losses(xv, yv))))
+            val = dict(zip(branches, (float(v) for v in losses(xv, yv, linear_only=True))))
         for k, module in branches.items():
             if val[k] < best[k][0]:
                 best[k] = (val[k], f"l2 {l2:g}", snapshot(module))
@@ -390,58 +391,3 @@ def _fit_head(train_x, train_y, val_x, val_y, hidden, epochs, batch_size, lr, we
         f"{int(head.usable.sum())}/{NB + NV} traits usable, val ECE {summary['val_calibration']['ece']:.4f}, "
         f"thresholds: {rule} (held-out val balanced accuracy {heldout[rule]:.4f})")
     return head, summary
-
-
-# ------------------------------------------------------------------ the report states what was decided
-
-def states(labels: dict, trait: str, used: float, tolerance: float = 2.0) -> bool:
-    """Whether a report's extracted labels state one prompted finding: the same 0/1, or a value within tolerance."""
-    if trait in BINARY_TRAITS:
-        return labels.get(trait) == used
-    return labels.get(trait) is not None and abs(labels[trait] - used) <= tolerance
-
-
-def misstated(labels: dict, codes: np.ndarray, values: np.ndarray, tolerance: float = 2.0) -> int:
-    """How many prompted findings one report's extracted labels (extract_labels) do not state as prompted."""
-    wrong = sum(not states(labels, t, int(codes[j] == PRESENT), tolerance)
-                for j, t in enumerate(BINARY_TRAITS) if codes[j] != UNKNOWN)
-    return wrong + sum(not states(labels, t, values[j], tolerance)
-                       for j, t in enumerate(CONTINUOUS_TRAITS) if codes[NB + j] != UNKNOWN)
-
-
-def fidelity(labels: list[dict], codes: np.ndarray, values: np.ndarray, tolerance: float = 2.0) -> dict:
-    """How faithfully reports state their prompts: the share of prompted (study, binary finding) pairs whose
-    extracted label equals the prompt, and per value the share of reports stating it within `tolerance`."""
-    out = {"tolerance": tolerance}
-    agree = [labels[i].get(t) == (1 if codes[i, j] == PRESENT else 0)
-             for i in range(len(labels)) for j, t in enumerate(BINARY_TRAITS) if codes[i, j] != UNKNOWN]
-    out["findings"] = {"pairs": len(agree), "agree": float(np.mean(agree)) if agree else None}
-    for j, t in enumerate(CONTINUOUS_TRAITS):
-        rows = [i for i in range(len(labels)) if codes[i, NB + j] != UNKNOWN]
-        diff = [abs(labels[i][t] - values[i, j]) if labels[i].get(t) is not None else np.inf for i in rows]
-        out[t] = {"reports": len(rows), "within": float(np.mean(np.array(diff) <= tolerance)) if rows else None,
-                  "not_stated": int(np.sum(np.isinf(diff)))}
-    return out
-
-
-def prompted_reports(engine, embeddings, codes: np.ndarray, values: np.ndarray, label, retries: int = 4,
-                     temperature: float = 1.0, seed: int = 0, **generate) -> tuple[list[str], list[dict], int]:
-    """(texts, their labels, reports generated): the greedy report for each study's prompt; where it misstates a
-    prompted finding, `retries` sampled reports too, keeping the candidate that misstates fewest (the greedy one
-    on a tie). label(list of texts) -> list of label dicts is the evaluator the prompt was decided with."""
-    texts = [s[0] for s in engine.generate_text(embeddings, prompts=(codes, values), temperature=0.0, **generate)]
-    labels = label(texts)
-    wrong = np.array([misstated(lab, codes[i], values[i]) for i, lab in enumerate(labels)])
-    redo = np.flatnonzero(wrong > 0)
-    generated = len(texts)
-    if retries > 0 and len(redo):
-        sampled = engine.generate_text([embeddings[i] for i in redo], prompts=(codes[redo], values[redo]),
-                                       temperature=temperature, num_samples=retries, seed=seed, **generate)
-        generated += len(redo) * retries
-        for i, cands in zip(redo, sampled):
-            cand_labels = label(cands)
-            miss = [misstated(lab, codes[i], values[i]) for lab in cand_labels]
-            j = int(np.argmin(miss))
-            if miss[j] < wrong[i]:
-                texts[i], labels[i], wrong[i] = cands[j], cand_labels[j], miss[j]
-    return texts, labels, generated

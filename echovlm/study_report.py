@@ -46,7 +46,8 @@ from echovlm.clinical import BINARY_TRAITS, SECTIONS, TRAITS, extract_labels
 from echovlm.dataset import open_dataset
 from echovlm.echoprime import EMBED_DIM, ENCODER_WEIGHTS, VIEW_CLASSIFIER_WEIGHTS, WEIGHTS, load_echoprime_rules
 from echovlm.engine import Engine
-from echovlm.findings import decide, mean_features, parse_overrides, prompted_reports, states
+from echovlm.faithful import prompted_reports, states
+from echovlm.findings import decide, mean_features, parse_overrides
 from echovlm.gpt import PRESENT, UNKNOWN
 from echovlm.consistency import contradictions
 from echovlm.retrieval import nearest_training_studies

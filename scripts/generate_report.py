@@ -18,9 +18,10 @@ study embeddings per study, so the videos must become such a prefix. Two ways (-
 
 With a model that has a findings head (every model base_train makes now), the head decides the findings from
 the study's embeddings (thresholds set on val for balanced accuracy), --finding NAME=VALUE overrides any of
-them (the others stay the head's), and the report is written prompted with them: greedy, and where the greedy
-report misstates a prompted finding, --samples sampled reports are tried and the most faithful one is kept
-(--decode greedy: no retries). The findings used are printed with the head's probabilities and who set them.
+them (the others stay the head's), and the report is written prompted with them and checked by the evaluator
+(echovlm.faithful): greedy, its LVEF/PASP numbers set to the decided values, and where it still misstates a
+prompted finding or contradicts itself, --samples sampled drafts (then 3x that) from which the report is
+assembled section by section (--decode greedy: no drafts). The findings used are printed with the head's probabilities and who set them.
 A model made before the head writes a free report, decoded by consensus (--decode): the greedy report and
 --samples sampled reports are labelled, and the one that agrees best with the others under the clinical
 reward (echovlm.reward) is written.
@@ -89,7 +90,9 @@ def main(argv=None):
                    help="consensus: of the greedy report and --samples sampled ones, the one that agrees best with the "
                         "others under the clinical reward (the most accurate findings: see test_inference); greedy; or "
                         "sample: one report at --temperature")
-    p.add_argument("--samples", type=int, default=8, help="sampled reports the consensus picks among, with the greedy one")
+    p.add_argument("--samples", type=int, default=8, help="sampled reports the consensus picks among, with the greedy one (a "
+                                                              "model with a findings head: the drafts its report is "
+                                                              "assembled from where the greedy one is wrong, then 3x)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (consensus, sample); 0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
     p.add_argument("--max-tokens", type=int, default=None, help="default: what fits in the model's sequence length")

@@ -6,8 +6,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from echovlm.engine import Engine
-from echovlm.findings import (NB, NV, FindingsHead, balanced_threshold, calibration, decide, fidelity, fit_head,
-                              free_prompts, label_prompts, mean_features, misstated, parse_overrides)
+from echovlm.findings import (NB, NV, FindingsHead, balanced_threshold, calibration, decide, fit_head, free_prompts,
+                              label_prompts, mean_features, parse_overrides)
 from echovlm.gpt import ABSENT, GPT, PRESENT, STATED, UNKNOWN, GPTConfig
 from echovlm.loader import DeviceSplit, TrainLoader, collate
 from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS
@@ -108,22 +108,6 @@ def test_damaged_head_entry_is_one_clear_error():
         FindingsHead.from_checkpoint({**entry, "traits": ["x"]}, "f.pt")
     with pytest.raises(ValueError, match="does not load"):
         FindingsHead.from_checkpoint({**entry, "state": {}}, "f.pt")
-
-
-def test_fidelity_and_misstated_count_what_the_report_states():
-    codes = np.full((2, NB + NV), ABSENT)
-    codes[:, 0] = PRESENT
-    codes[1, NB + 1] = UNKNOWN
-    values = np.array([[50.0, 30.0], [40.0, np.nan]])
-    good = {t: 0 for t in BINARY_TRAITS} | {BINARY_TRAITS[0]: 1, "ejection_fraction": 51.0,
-                                            "pulmonary_artery_pressure_continuous": 30.0}
-    bad = good | {BINARY_TRAITS[0]: 0, "ejection_fraction": None}
-    assert misstated(good, codes[0], values[0]) == 0
-    assert misstated(bad, codes[1], values[1]) == 2
-    f = fidelity([good, bad], codes, values)
-    assert f["findings"]["pairs"] == 2 * NB and f["findings"]["agree"] == pytest.approx((2 * NB - 1) / (2 * NB))
-    assert f["ejection_fraction"] == {"reports": 2, "within": 0.5, "not_stated": 1}
-    assert f["pulmonary_artery_pressure_continuous"]["reports"] == 1
 
 
 def tiny_gpt(n_prompt=True):
