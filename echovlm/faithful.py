@@ -111,20 +111,23 @@ def sections(text: str) -> list[tuple[str, str]]:
     return [(name, body) for name, body in out]
 
 
-def cost_of(text: str, labels: dict, codes: np.ndarray, values: np.ndarray) -> int:
+def cost_of(text: str, labels: dict, codes: np.ndarray, values: np.ndarray, below: float = np.inf) -> int:
     """What a report is scored by while it is repaired: its misstated prompted findings, and its contradictions
     each counted as more than every finding could be (a report that contradicts itself is never traded for one
-    that states one more finding: a user reads the contradiction, the evaluator may not see the misstatement)."""
-    return misstated(labels, codes, values) + CONTRADICTION * len(contradictions(text))
+    that states one more finding: a user reads the contradiction, the evaluator may not see the misstatement).
+    A report whose misstatements alone reach `below` gets just their count: it cannot win, and the
+    contradiction check is half the cost of a trial."""
+    wrong = misstated(labels, codes, values)
+    return wrong if wrong >= below else wrong + CONTRADICTION * len(contradictions(text))
 
 
 def assemble(drafts: list[str], codes: np.ndarray, values: np.ndarray, label) -> tuple[str, int]:
     """(report, its cost) from drafts of one study's report: the draft with the lowest cost (cost_of; the first
-    on a tie), then each of its sections in turn replaced by another
-    draft's version of that section wherever the whole report's cost goes down. A section written twice in one
+    on a tie), then each of its sections in turn replaced by another draft's version of that section wherever
+    the whole report's cost goes down. A section written twice in one
     draft counts as one version (its lines together), so a repeated section is repaired like any other."""
-    def cost(text):
-        return cost_of(text, label(text), codes, values)
+    def cost(text, below=np.inf):
+        return cost_of(text, label(text), codes, values, below)
 
     versions: dict[str, list[str]] = defaultdict(list)
     for d in drafts:
@@ -148,7 +151,7 @@ def assemble(drafts: list[str], codes: np.ndarray, values: np.ndarray, label) ->
             if body == parts[name]:
                 continue
             trial = {**parts, name: body}
-            c = cost("\n".join(trial.values()))
+            c = cost("\n".join(trial.values()), below=current)
             if c < current:
                 parts, current = trial, c
     return "\n".join(parts.values()), current

@@ -7,8 +7,9 @@ the provenance. The CLI makes one Reporter per run of the script; the server kee
 
 With a model that has a findings head (echovlm.findings) the head decides the findings from the study's
 embeddings, the user may override any of them (findings=["aortic_stenosis=1", "ejection_fraction=35"]: the
-others stay the head's), and the GPT writes the report prompted with them; where the greedy report misstates
-a prompted finding, --samples sampled reports are tried and the most faithful kept. The result's
+others stay the head's), and the GPT writes the report prompted with them, checked by the evaluator
+(echovlm.faithful: values set to the decided ones; where a finding is still misstated, --samples sampled drafts,
+then 3x that, and the report assembled from them section by section). The result's
 `findings_prompt` lists each finding with the head's probability, the decision or value used, and whether it
 came from the head or the user. A model made before the head writes a free report, and says so.
 

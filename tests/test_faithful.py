@@ -107,6 +107,9 @@ def test_a_contradiction_is_never_traded_for_a_finding():
     consistent = "Left Ventricle: Normal left ventricular systolic function. LVEF 62%.\nPericardium: No effusion."
     assert cost_of(consistent, label(consistent), codes, values) == 1
     assert cost_of(faithful_but_contradictory, label(faithful_but_contradictory), codes, values) == CONTRADICTION
+    # a trial whose misstatements already reach the cost to beat is not checked for contradictions
+    assert cost_of(consistent, label(consistent), codes, values, below=1) == 1
+    assert cost_of(faithful_but_contradictory, label(faithful_but_contradictory), codes, values, below=0) == 0
     text, _ = assemble([faithful_but_contradictory, consistent], codes, values, label)
     assert not contradictions(text)
 
