@@ -11,8 +11,9 @@ labels are compared trait by trait, on the same studies, for these systems:
              the GPT writes the report prompted with them, checked by the evaluator (echovlm.faithful: its
              LVEF/PASP numbers set to the decided values; where it still misstates a prompted finding or
              contradicts itself, --drafts sampled drafts, then 3x that, and the report assembled from them
-             section by section). Hard labels: what the report states; score (AUROC): the head's probability. Without a head (a model made before it): the
-             free report below, under the name model.
+             section by section). Hard labels: what the report states; score (AUROC): the head's
+             probability. Without a head (a model made before it): the free report below, under the name
+             model.
   free       the same GPT with no findings prompt, writing from the embeddings alone (a model with a head
              only): hard labels of the --decode report (consensus of the greedy and the sampled reports,
              or greedy), score = the fraction of --samples reports sampled at --temperature stating the finding.
@@ -288,9 +289,10 @@ def write_outputs(args, n, ids, refs, table, summaries, results, names, texts: d
     atomic_write_text(out / "metrics.csv", table.to_csv(index=False))
     atomic_write_json(out / "metrics.json", results)  # NaN -> null in the traits' records
     md = markdown_tables(table, summaries, names, summary["contradictions"], extra)
-    drafts = f", {args.drafts} + {3 * args.drafts} drafts where needed" if extra.get("fidelity") else ""
-    atomic_write_text(out / "metrics.md", md + f"\n{n} test studies, K={args.samples} free samples{drafts} at temperature "
-                      f"{args.temperature}, seed {args.seed}; {summary['generated_reports']} reports generated at "
+    drafts = (f", {args.drafts} + {3 * args.drafts} drafts where needed" if extra.get("fidelity") and args.drafts
+              else "")
+    atomic_write_text(out / "metrics.md", md + f"\n{n} test studies, K={args.samples} free samples{drafts} at "
+                      f"temperature {args.temperature}, seed {args.seed}; {summary['generated_reports']} reports generated at "
                       f"{summary['generation_reports_per_s']} reports/s; {summary['elapsed_s']:.0f}s in all.\n")
     plot_traits(out / "traits.png", table, names)
     if extra.get("calibration"):
