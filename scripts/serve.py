@@ -216,11 +216,15 @@ class Service:
 
     def work(self):
         while (job := self.queue.get()) is not None:
+            state = "error"
             try:
-                self.run(job)
+                state = self.run(job)
             finally:
+                # the uploads are deleted before the job says it is finished: a page (or test) that sees "done"
+                # or "error" never finds them still on disk
                 if job.dir is not None:
                     shutil.rmtree(job.dir, ignore_errors=True)
+                job.state = state
                 with self.lock:
                     self.waiting.remove(job.id)
 
@@ -230,7 +234,8 @@ class Service:
             text = text.replace(f["disk"], f["name"])
         return text.replace(str(job.dir), "upload") if job.dir else text
 
-    def run(self, job: Job):
+    def run(self, job: Job) -> str:
+        """Write the job's report; returns its final state ("done" or "error"), which work() sets."""
         job.state = "running"
         by_disk = {f["disk"]: f for f in job.files}
 
@@ -263,13 +268,14 @@ class Service:
                 if "videos" in result["provenance"]["input"]:
                     result["provenance"]["input"]["videos"] = [v["file"] for v in result["videos"]]
             job.prefix, job.result, job.page = out.prefix, result, self.page_of(result)
-            job.state = "done"
+            return "done"
         except ReportError as e:
-            job.error, job.state = self.shown(str(e), job), "error"
+            job.error = self.shown(str(e), job)
         except Exception as e:  # never a 500 page: the message goes to the page, the traceback to the log
             log.exception("report for request %s failed", job.id)
-            job.error, job.state = f"the report could not be written ({type(e).__name__}: {self.shown(str(e), job)}); " \
-                                   "the server's log has the details", "error"
+            job.error = (f"the report could not be written ({type(e).__name__}: {self.shown(str(e), job)}); "
+                         "the server's log has the details")
+        return "error"
 
     def page_of(self, result: dict) -> dict:
         """What the page draws: report lines with the phrases behind findings, findings beside the reference's."""
