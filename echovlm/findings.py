@@ -6,13 +6,14 @@ the cached study embeddings and the evaluator's labels of the reference reports 
 the GPT, so its optimisation is not bounded by the GPT's step budget, in two stages: the linear part first,
 full batch to convergence (L-BFGS; a regularised logistic regression per finding and a ridge per value, the
 L2 strength chosen on val: the probe baseline, fitted as well as it can be), then an MLP correction on top,
-early-stopped on val and kept only where it lowers the val loss. About a minute on 2 CPU cores for 20k
-studies (most of it the L-BFGS fits); on a GPU the 1.2M studies of the EchoPrime release fit in memory at once.
+early-stopped on val and kept only where it lowers the val loss. About 35 s on 2 CPU cores for 20k studies;
+on a GPU the 1.2M studies of the EchoPrime release fit in memory at once.
 
 Why a separate head: the report writer learns findings only through the tokens that spell them, a weak and
 rare signal for a 2%-prevalence finding; a direct classifier on the same embeddings reads them far better (the
 probe baseline of scripts.test_inference). The head decides, the GPT states what it decided (findings-prompted
-generation, echovlm.gpt), and a clinician can override any decision before the report is written.
+generation, echovlm.gpt, checked by echovlm.faithful), and a clinician can override any decision before the
+report is written.
 
 Imbalance: the loss is plain (unweighted) cross-entropy, so the probabilities stay calibrated (the expected
 calibration error is reported), and the imbalance is handled where the decision is made: each trait's
