@@ -172,12 +172,12 @@ def prompted_reports(engine, embeddings, codes: np.ndarray, values: np.ndarray, 
     generated = len(texts)
     drafts: list[list[str]] = [[] for _ in texts]  # each study's sampled drafts, every round's together
     cost = np.array([cost_of(t, one(t), codes[i], values[i]) for i, t in enumerate(texts)])
-    for n in (retries, 3 * retries) if retries > 0 else ():
+    for round_, n in enumerate((retries, 3 * retries) if retries > 0 else ()):
         redo = np.flatnonzero(cost > 0)
         if not len(redo):
             break
         sampled = engine.generate_text([embeddings[i] for i in redo], prompts=(codes[redo], values[redo]),
-                                       temperature=temperature, num_samples=n, seed=seed + int(n != retries),
+                                       temperature=temperature, num_samples=n, seed=seed + round_,
                                        **generate)
         generated += len(redo) * n
         for i, new in zip(redo, sampled):
