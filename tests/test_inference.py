@@ -59,6 +59,23 @@ def test_from_reports_scores_the_fraction_of_samples_stating_a_finding():
     assert from_reports([pos, neg], None)["score"] is None
 
 
+def test_the_prior_is_the_model_given_to_another_study_and_rouge_l_is_rouge_scores():
+    model = {"predicted": {"a": np.array([0.0, 1.0, 1.0]), "b": [5.0, np.nan, 7.0]}, "score": {"a": np.array([.1, .8, .6])}}
+    prior = test_inference.permuted(model, np.array([2, 0, 1]))
+    assert prior["predicted"]["a"].tolist() == [1.0, 0.0, 1.0] and prior["score"]["a"].tolist() == [.6, .1, .8]
+    assert prior["predicted"]["b"][0] == 7.0 and np.isnan(prior["predicted"]["b"][2])
+    assert test_inference.permuted({"predicted": {}, "score": None}, np.array([0]))["score"] is None
+
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    refs = ["The LV is normal. EF 55-60%.", "No effusion.", "", "a b c d"]
+    hyps = ["the lv is mildly dilated; EF 35%", "", "x", "d c b a b"]
+    ours = test_inference.language_metrics({"m": hyps}, refs)["m"]["rougeL_f"]
+    theirs = np.mean([scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(refs, hyps)])
+    assert ours == round(float(theirs), 4) and 0 < ours < 1
+
+
 def test_from_neighbours_averages_settled_labels_and_thresholds_at_the_training_prevalence():
     train = {t: np.zeros(5) for t in TRAITS}
     train["mitral_stenosis"] = np.array([1, 1, 0, np.nan, 1.0])
@@ -166,6 +183,7 @@ def test_knn_baseline_is_named_by_its_k_and_contradictions_are_counted(tiny_run,
         assert c["n_reports"] == 6 and set(c["per_rule"]) == set(RULES)
         assert rates[source] == pytest.approx(1000 * sum(c["per_rule"].values()) / 6, abs=0.01)
     assert rates["reference"] == 0.0  # the synthetic references agree with themselves
+    assert counts["prior"] == counts["model"]  # the prior's reports are the model's, given to other studies
     assert "| per 1,000 reports |" in md and all(f"| {rule} |" in md for rule in RULES)
     # the report card shows the headline with the kNN by its real name and the reference's rate as the floor
     card_run = tmp_path / "card"
