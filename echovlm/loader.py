@@ -9,7 +9,10 @@ Per study the sequence is [e_1 .. e_k, f_1 .. f_F, <|bos|>, report tokens] with 
 the first report token; <|eos|> is only ever a target, so it needs no input slot). F is 0 for a model without
 a findings prompt; with one, the prompt is the study's own reference labels (echovlm.findings.prompt_codes),
 dropped to all-unknown for a seeded fraction of the training studies (--prompt-dropout) so the model also
-learns to write without it. Rows are right padded with <|pad|> / -1. A study longer than sequence_len keeps
+learns to write without it. A seeded fraction of the prompted studies (--swap-embeddings) reads another
+training study's embeddings instead of its own, prompt and report unchanged: where the embeddings and the
+prompt disagree, the prompt is what the report states. At inference they disagree wherever the findings head
+decides against what the embeddings look like, and wherever a user edits a finding. Rows are right padded with <|pad|> / -1. A study longer than sequence_len keeps
 its first sequence_len - k - F - 1 report tokens (and then predicts the next report token, not <|eos|>); how
 many reports this cuts is printed once per split.
 
@@ -185,9 +188,11 @@ class DeviceSplit:
     def embed_dim(self) -> int:
         return self.emb.shape[1]
 
-    def batch(self, idx, drop_prompt=None) -> Batch:
-        """The studies idx; drop_prompt (bool per study, or True for all): their findings prompt all unknown."""
+    def batch(self, idx, drop_prompt=None, embeddings_of=None) -> Batch:
+        """The studies idx; drop_prompt (bool per study, or True for all): their findings prompt all unknown;
+        embeddings_of (a study index per study, default idx): whose embeddings each row reads."""
         idx = np.asarray(idx, dtype=np.int64)
+        emb_idx = idx if embeddings_of is None else np.asarray(embeddings_of, dtype=np.int64)
         codes = values = None
         if self.codes is not None:
             rows = torch.from_numpy(idx).to(self.codes.device)
@@ -196,8 +201,8 @@ class DeviceSplit:
                 drop = torch.as_tensor(np.broadcast_to(drop_prompt, idx.shape).copy(), device=codes.device)[:, None]
                 codes = torch.where(drop, torch.full_like(codes, UNKNOWN), codes)
                 values = torch.where(drop, torch.full_like(values, float("nan")), values)
-        return build_batch(self.tokens, self.tok_start[idx], self.tok_len[idx], self.emb, self.emb_start[idx],
-                           self.emb_len[idx], self.bos_id, self.eos_id, self.pad_id, self.sequence_len,
+        return build_batch(self.tokens, self.tok_start[idx], self.tok_len[idx], self.emb, self.emb_start[emb_idx],
+                           self.emb_len[emb_idx], self.bos_id, self.eos_id, self.pad_id, self.sequence_len,
                            self.pad_multiple, codes, values)
 
     def eval_batches(self, num_studies: int, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -216,7 +221,7 @@ class TrainLoader:
 
     def __init__(self, split: DeviceSplit, total_batch_size: int, device_batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, group_batches: int = 100, length_grouping: bool = True,
-                 prompt_dropout: float = 0.0):
+                 prompt_dropout: float = 0.0, swap_embeddings: float = 0.0):
         per_step = device_batch_size * world_size
         if total_batch_size % per_step:
             raise ValueError(f"--total-batch-size {total_batch_size} must be a multiple of --device-batch-size x "
@@ -227,7 +232,7 @@ class TrainLoader:
         self.split, self.total, self.micro = split, total_batch_size, device_batch_size
         self.rank, self.world, self.accum = rank, world_size, total_batch_size // per_step
         self.seed, self.group, self.grouping = seed, group_batches, length_grouping
-        self.prompt_dropout = prompt_dropout
+        self.prompt_dropout, self.swap_embeddings = prompt_dropout, swap_embeddings
         self.batches_per_epoch = len(split) // total_batch_size  # the remainder is dropped, a new one each epoch
         self.epoch, self.pos = 0, 0
         self._order = None
@@ -252,21 +257,27 @@ class TrainLoader:
             self._order = self._epoch_order(self.epoch)
         studies = self._order[self.pos]
         # drawn for the whole global batch from (seed, epoch, batch): every rank and every resume agrees
-        drop = np.random.default_rng([self.seed, self.epoch, self.pos, 1]).random(len(studies)) < self.prompt_dropout
+        rng = np.random.default_rng([self.seed, self.epoch, self.pos, 1])
+        drop = rng.random(len(studies)) < self.prompt_dropout
+        swap = ~drop & (rng.random(len(studies)) < self.swap_embeddings)
+        # another study of the split, never the study itself
+        source = np.where(swap, (studies + rng.integers(1, len(self.split), len(studies))) % len(self.split), studies)
         self.pos += 1
         if self.pos == self.batches_per_epoch:
             self.epoch, self.pos, self._order = self.epoch + 1, 0, None
-        self.global_stats = self._stats(studies)
+        self.global_stats = self._stats(studies, source)
         first = self.rank * self.accum
         return [self.split.batch(studies[(first + a) * self.micro:(first + a + 1) * self.micro],
-                                 drop[(first + a) * self.micro:(first + a + 1) * self.micro])
+                                 drop[(first + a) * self.micro:(first + a + 1) * self.micro],
+                                 source[(first + a) * self.micro:(first + a + 1) * self.micro])
                 for a in range(self.accum)]
 
-    def _stats(self, studies: np.ndarray) -> dict:
+    def _stats(self, studies: np.ndarray, source: np.ndarray) -> dict:
         """Real targets, positions and padding of the whole global batch (all ranks), from lengths alone: every
-        rank knows them without communicating, which is what normalises the loss by the global token count."""
+        rank knows them without communicating, which is what normalises the loss by the global token count.
+        source: whose embeddings each study reads."""
         s, seq = self.split, self.split.sequence_len
-        before = s.emb_len[studies] + s.n_prompt  # positions before <|bos|>
+        before = s.emb_len[source] + s.n_prompt  # positions before <|bos|>
         n = np.minimum(s.tok_len[studies], seq - before - 1)
         rows = (before + 1 + n).reshape(-1, self.micro)
         T = np.minimum(-(-rows.max(axis=1) // s.pad_multiple) * s.pad_multiple, seq)

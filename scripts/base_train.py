@@ -109,6 +109,9 @@ def build_parser():
     p.add_argument("--prompt-dropout", type=float, default=0.5,
                    help="fraction of training reports whose findings prompt is all unknown, so the GPT also writes "
                         "without one (default %(default)g)")
+    p.add_argument("--swap-embeddings", type=float, default=0.25,
+                   help="fraction of the prompted training reports read with another study's embeddings, so that "
+                        "where the embeddings and the prompt disagree the report states the prompt (default %(default)g)")
     p.add_argument("--head-hidden", type=int, default=256,
                    help="hidden width of the findings head's MLP, 0 = linear only (default %(default)s)")
     p.add_argument("--echoprime-rules", help="label the reports with EchoPrime's per_section.json (file or checkout) "
@@ -154,6 +157,8 @@ def apply_defaults(args, device_type: str, world: int):
             fail("base_train", f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(args, name)}")
     if not 0 <= args.prompt_dropout <= 1:
         fail("base_train", f"--prompt-dropout must be in [0, 1], got {args.prompt_dropout}")
+    if not 0 <= args.swap_embeddings <= 1:
+        fail("base_train", f"--swap-embeddings must be in [0, 1], got {args.swap_embeddings}")
     if args.head_hidden < 0:
         fail("base_train", f"--head-hidden must be >= 0, got {args.head_hidden}")
     if args.echoprime_rules:

@@ -163,6 +163,40 @@ def test_prompt_dropout_is_seeded_per_global_batch_and_the_same_for_every_split(
     assert sum(merged, []) == one  # nor the number of ranks
 
 
+def test_swapped_studies_read_another_studys_embeddings_with_their_own_prompt_and_report():
+    n, k = 64, np.array([1, 2] * 32)  # two clip counts: a swapped row's prefix takes its source's length
+    labels = np.zeros((n, NB + NV), np.float32)
+    labels[:, 0] = np.arange(n) % 2
+    emb = np.repeat(np.arange(n, dtype=np.float16), k)[:, None] * np.ones((1, 8), np.float16)  # row value = study
+    tokens = (np.arange(n * 3) % 30 + 3).astype(np.int64)
+    split = DeviceSplit(tokens, np.arange(n + 1) * 3, emb, np.concatenate([[0], np.cumsum(k)]), 0, 1, 2, None, "cpu",
+                        labels=labels)
+
+    def batches(**kw):
+        loader = TrainLoader(split, 16, 8, seed=3, **kw)
+        return [loader.next() for _ in range(3)]
+
+    for a, b in zip(batches(prompt_dropout=0.5), batches(prompt_dropout=0.5, swap_embeddings=0.0)):
+        for x, y in zip(a, b):  # off: the very batches of a loader without it, drops included
+            assert torch.equal(x.ids, y.ids) and torch.equal(x.prefix, y.prefix)
+            assert torch.equal(x.prompt_codes, y.prompt_codes)
+    loader = TrainLoader(split, 16, 16, seed=3, prompt_dropout=0.0, swap_embeddings=1.0)
+    loader._order = loader._epoch_order(0)
+    studies = loader._order[0]
+    (b,) = loader.next()
+    rows = b.prefix[:, 0].long().tolist()  # the study each prefix row came from, in row order
+    owners = [rows[int(before)] for before in np.concatenate([[0], np.cumsum(b.prefix_mask.sum(1).numpy())[:-1]])]
+    assert all(o != s for o, s in zip(owners, studies))  # nobody reads its own embeddings
+    assert b.prefix_mask.sum(1).tolist() == [int(k[o]) for o in owners]  # and each reads all of its source's
+    assert b.prompt_codes[:, 0].tolist() == [int(labels[s, 0]) for s in studies]  # its own prompt
+    assert b.ids[b.ids >= 3].numel() == 16 * 3  # and its own report tokens
+    assert loader.global_stats["targets"] == 16 * 4
+    free = TrainLoader(split, 16, 16, seed=3, prompt_dropout=1.0, swap_embeddings=1.0)
+    (d,) = free.next()
+    assert (d.prompt_codes == UNKNOWN).all()  # only prompted reports are swapped: a free report reads its own study
+    assert sorted(set(d.prefix[:, 0].long().tolist())) == sorted(free._epoch_order(0)[0].tolist())
+
+
 def test_engine_prompts_are_checked_and_a_model_without_a_prompt_refuses_them():
     class Tok:
         pad_id, bos_id, eos_id = 2, 0, 1
