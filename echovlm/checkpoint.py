@@ -103,7 +103,8 @@ def read_checkpoint(path, map_location="cpu") -> dict:
 
 def build_model(ckpt: dict, path, device) -> GPT:
     try:
-        config = GPTConfig(**ckpt["config"])
+        # a model saved before kv_heads has one key/value head per query head
+        config = GPTConfig(**{"kv_heads": 0, **ckpt["config"]})
     except TypeError as e:
         raise ValueError(f"{path}: its model config {ckpt['config']} does not fit this version's GPTConfig: {e}") from None
     model = GPT(config)

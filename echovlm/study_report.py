@@ -455,11 +455,14 @@ def markdown(result: dict) -> str:
 
 def printed(result: dict) -> list[str]:
     """What the CLI prints: the report, its findings, each video's view."""
+    def used(x) -> str:  # a decided LVEF/PASP to one decimal, as a report would state it; 0/1 and None as they are
+        return f"{x:.1f}" if isinstance(x, float) else str(x)
+
     lines = [result["report"]]
     if result.get("findings_prompt"):
         lines.append("\nfindings the report was written from (probability, used, from):")
         lines += [f"  {r['trait']:37s} {'' if r['probability'] is None else format(r['probability'], '.3f'):>6s}  "
-                  f"{str(r['used']):>6s}  {r['source']}" for r in result["findings_prompt"]]
+                  f"{used(r['used']):>6s}  {r['source']}" for r in result["findings_prompt"]]
     lines.append("\nfindings (echovlm.clinical labels):")
     lines += [f"  {name:37s} {result['findings'][name]}" for name in TRAITS]
     if result["videos"]:

@@ -306,7 +306,7 @@ def train(args, ddp, rank, world, device, given=None):
         atomic_write_json(run_dir / "config.json", {
             "args": {"flags": vars(args), "world_size": world},
             "model": {**asdict(config), "n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
-                      "params": model.num_params()},
+                      "n_kv_head": config.n_kv_head, "params": model.num_params()},
             "dataset": meta["dataset"], "tokenizer_dir": meta["tokenizer_dir"], "world_size": world,
             "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "accumulation_steps": accum, "train_studies": len(train_split),
@@ -315,7 +315,7 @@ def train(args, ddp, rank, world, device, given=None):
     train_rows = read_csv(run_dir / "train.csv", start_step) if rank == 0 else []
     val_rows = read_csv(run_dir / "val.csv", start_step) if rank == 0 else []
     print0(f"run {run_dir}: {model.num_params():,} params (depth {config.depth}, width {config.n_embd}, "
-           f"{config.n_head} heads), sequence_len {config.sequence_len}, {len(train_split)} train studies, "
+           f"{config.n_head} heads sharing {config.n_kv_head} key/value), sequence_len {config.sequence_len}, {len(train_split)} train studies, "
            f"{args.num_steps} steps of {args.total_batch_size} sequences ({world} rank(s) x {accum} micro batch(es) "
            f"of {args.device_batch_size}), {device} {args.dtype}{' compiled' if args.compile else ''}")
 

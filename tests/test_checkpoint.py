@@ -32,6 +32,16 @@ def test_a_good_checkpoint_round_trips(tmp_path):
     assert build_model(ckpt, tmp_path / "ok.pt", "cpu").config.depth == 1
 
 
+def test_a_checkpoint_from_before_shared_key_value_heads_loads_with_one_per_query_head(tmp_path):
+    model = GPT(GPTConfig(depth=4, vocab_size=32, embed_dim=8, sequence_len=16, kv_heads=0))
+    config = asdict(model.config)
+    del config["kv_heads"]  # what a checkpoint saved before the field holds
+    ckpt = {"format_version": FORMAT_VERSION, "model": model.state_dict(), "config": config, "meta": {}}
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded = build_model(read_checkpoint(tmp_path / "old.pt"), tmp_path / "old.pt", "cpu")
+    assert loaded.config.n_kv_head == loaded.config.n_head == 2 and loaded.config.kv_heads == 0
+
+
 def test_hostile_pickle_is_refused_unread_without_torchs_hint(tmp_path):
     torch.save({"format_version": FORMAT_VERSION, "model": Payload()}, tmp_path / "hostile.pt")
     with pytest.raises(ValueError) as e:

@@ -82,6 +82,9 @@ def test_study_writes_json_and_markdown_and_never_overwrites(run, tmp_path, caps
     assert (out / "report.txt").read_text() == result["report"] + "\n"
     printed = capsys.readouterr().out
     assert printed.startswith(result["report"] + "\n") and "ejection_fraction" in printed
+    decided = next(line.split() for line in printed.splitlines() if line.strip().startswith("ejection_fraction")
+                   and line.endswith("head"))
+    assert decided[-2] == f"{result['findings_prompt'][-2]['used']:.1f}"  # the decided LVEF, as a report states it
 
     first = (out / "report.json").read_bytes()
     assert generate(run_dir, "--study", 1, "--out", out) == 0

@@ -19,9 +19,9 @@ VOCAB = 23
 D = 8
 
 
-def tiny(depth=1, seq=32, seed=0, randomise=False) -> GPT:
+def tiny(depth=1, seq=32, seed=0, randomise=False, kv_heads=1) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(depth=depth, vocab_size=VOCAB, embed_dim=D, sequence_len=seq))
+    model = GPT(GPTConfig(depth=depth, vocab_size=VOCAB, embed_dim=D, sequence_len=seq, kv_heads=kv_heads))
     if randomise:  # the zero-initialised output projections would hide bugs in what feeds them
         with torch.no_grad():
             for p in model.parameters():
@@ -85,8 +85,12 @@ def test_targets_layout_predicts_report_and_eos_only():
     assert cut.num_truncated == 1
 
 
-def test_kv_cache_prefill_and_decode_match_the_full_forward():
-    model = tiny(depth=2, randomise=True).eval()
+# depth 2: one head; depth 8: 4 query heads sharing 1 or 2 key/value heads, or one each (kv_heads 0). Decoding
+# stacks a key/value head's queries (no mask); the full forward is SDPA's own grouped attention: they must agree
+@pytest.mark.parametrize("depth,kv_heads", [(2, 1), (8, 1), (8, 2), (8, 0)])
+def test_kv_cache_prefill_and_decode_match_the_full_forward(depth, kv_heads):
+    model = tiny(depth=depth, randomise=True, kv_heads=kv_heads).eval()
+    assert model.blocks[0].attn.c_k.out_features == (kv_heads or model.config.n_head) * model.config.head_dim
     b = batch_of([2, 2], [7, 7])
     full = model(b.ids, b.prefix, b.prefix_mask)
     cache = KVCache(model.config.n_layer, model.config.sequence_len)
@@ -110,6 +114,11 @@ def test_bf16_autocast_keeps_attention_and_kv_cache_in_bf16():
     assert cache.kv.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
 
+def test_key_value_heads_must_divide_the_query_heads():
+    with pytest.raises(ValueError, match="kv_heads must divide the 4 query heads"):
+        GPT(GPTConfig(depth=8, vocab_size=VOCAB, embed_dim=D, kv_heads=3))
+
+
 def test_bad_inputs_are_refused():
     model = tiny()
     b = batch_of([1], [4])
@@ -125,7 +134,7 @@ def test_config_size_and_optimiser_groups():
     assert (config.n_embd, config.n_head, config.head_dim) == (512, 4, 128)
     with torch.device("meta"):
         model = GPT(config)
-    assert config.vocab_size == DEFAULT_VOCAB_SIZE and round(model.num_params() / 1e6, 1) == 27.5  # gpt.py's docstring
+    assert config.vocab_size == DEFAULT_VOCAB_SIZE and round(model.num_params() / 1e6, 1) == 24.3  # gpt.py's docstring
     adamw, muon = model.setup_optimizers()
     adam_params = [p for g in adamw.param_groups for p in g["params"]]
     muon_params = [p for g in muon.param_groups for p in g["params"]]
