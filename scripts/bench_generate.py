@@ -6,11 +6,16 @@
 Both modes decode greedily, so they write the very same tokens (checked here) and the ratio of their speeds is
 the whole story. One-at-a-time is timed on the first --single-studies studies only (it is the slow one) and
 compared per report. An untrained model rarely says <|eos|>, so its reports run to --max-tokens: a worst case.
+
+Without --run, the untrained model's query heads share one key/value head (the GPT's default); batched
+decoding is also timed for the same model with one key/value head per query head (kv_heads 0, the attention
+of models made before it), in the same run: what sharing saves when the cached keys and values are read.
 """
 
 import argparse
 import sys
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +23,7 @@ import torch
 
 from echovlm.common import autodetect_device, fail, print0
 from echovlm.engine import Engine
+from echovlm.gpt import GPT, GPTConfig
 from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
 
 SCRIPT = "bench_generate"
@@ -90,8 +96,6 @@ def main(argv=None):
             fail(SCRIPT, f"the test split has only {len(embeddings)} studies; lower --studies")
         source = f"{args.run} ({args.which})"
     else:
-        from echovlm.gpt import GPT, GPTConfig
-
         config = GPTConfig(depth=args.depth, vocab_size=args.vocab_size, embed_dim=args.embed_dim,
                            sequence_len=args.sequence_len)
         model = GPT(config).to(device)
@@ -126,6 +130,15 @@ def main(argv=None):
     print0(f"one at a time:        {n_s} reports, {tok_s} tokens in {t_single:.2f}s: "
            f"{rps_s:.2f} reports/s, {tok_s / t_single:.0f} tokens/s")
     print0(f"speed-up: {rps_b / rps_s:.1f}x reports/s, {(tok_b / t_batched) / (tok_s / t_single):.1f}x tokens/s")
+    if not args.run and model.config.n_kv_head < model.config.n_head:
+        torch.manual_seed(args.seed)
+        mha = Engine(GPT(replace(model.config, kv_heads=0)).to(device).eval(), tokenizer)
+        mha.generate(embeddings[:2], batch_size=2, **gen)
+        out, t_mha = timed_generate(mha, embeddings, device, batch_size=args.batch_size, **gen)
+        tok_m = sum(len(r[0]) for r in out)
+        print0(f"one key/value head per query head (batch {args.batch_size}): {tok_m} tokens in {t_mha:.2f}s: "
+               f"{tok_m / t_mha:.0f} tokens/s; {model.config.n_kv_head} shared by {model.config.n_head} query heads: "
+               f"{(tok_b / t_batched) / (tok_m / t_mha):.2f}x tokens/s")
     return 0
 
 

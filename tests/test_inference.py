@@ -14,6 +14,7 @@ import torch
 from echovlm.baselines import fit_probe, from_neighbours
 from echovlm.consistency import RULES
 from echovlm.dataset import open_dataset
+from echovlm.eval_outputs import language_metrics
 from echovlm.gpt import GPT, GPTConfig
 from echovlm.report import build_card
 from echovlm.retrieval import nearest_training_studies
@@ -71,7 +72,7 @@ def test_the_prior_is_the_model_given_to_another_study_and_rouge_l_is_rouge_scor
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     refs = ["The LV is normal. EF 55-60%.", "No effusion.", "", "a b c d"]
     hyps = ["the lv is mildly dilated; EF 35%", "", "x", "d c b a b"]
-    ours = test_inference.language_metrics({"m": hyps}, refs)["m"]["rougeL_f"]
+    ours = language_metrics({"m": hyps}, refs)["m"]["rougeL_f"]
     theirs = np.mean([scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(refs, hyps)])
     assert ours == round(float(theirs), 4) and 0 < ours < 1
 
