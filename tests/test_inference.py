@@ -14,6 +14,7 @@ import torch
 from echovlm.baselines import fit_probe, from_neighbours
 from echovlm.consistency import RULES
 from echovlm.dataset import open_dataset
+from echovlm import eval_outputs
 from echovlm.eval_outputs import language_metrics
 from echovlm.gpt import GPT, GPTConfig
 from echovlm.report import build_card
@@ -265,7 +266,7 @@ def test_a_dataset_gone_is_exit_2_and_a_failed_write_is_exit_1(tiny_run, tmp_pat
     def disk_full(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(test_inference, "atomic_write_bytes", disk_full)
-    monkeypatch.setattr(test_inference, "atomic_write_text", lambda path, text: disk_full(path, text))
+    monkeypatch.setattr(eval_outputs, "atomic_write_bytes", disk_full)  # where the evaluation's files are written
+    monkeypatch.setattr(eval_outputs, "atomic_write_text", lambda path, text: disk_full(path, text))
     err = error_of(capsys, tiny_run, "--out", tmp_path / "eval", code=1)
     assert "writing the evaluation failed" in err and "No space left" in err
