@@ -5,7 +5,7 @@ with itself: "LVEF 25%" beside "normal systolic function", "no mitral regurgitat
 regurgitation". The second kind needs no reference, so it can be counted on any report (the reference reports'
 own rate is the floor a generator should reach) and penalised in a reward.
 
-The report is cut into (section, sentence) pairs by the label extractor's own reader (clinical.sentences),
+The report is cut into (section, sentence) pairs by the label extractor's own reader (echovlm.sentences),
 then each sentence into clauses; a clause yields findings, each a structure's state as an interval of grades
 0 none/normal, 0.5 trace, 1 mild, 1.5 mild to moderate, 2 moderate, 2.5 moderate to severe, 3 severe:
 "no MR" is [0, 0], "no significant MR" [0, 1], "MR is present" [1, 3]. A finding is read as the clinical
@@ -34,7 +34,8 @@ import bisect
 import re
 from dataclasses import dataclass
 
-from echovlm.clinical import SECTIONS, VALUES, sentences
+from echovlm.clinical import SECTIONS, VALUES
+from echovlm.sentences import sentences
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from echovlm.clinical import SEP_RE, VALUES
+from echovlm.clinical import VALUES
+from echovlm.sentences import SEP_RE
 from echovlm.vocabulary import TRAITS
 
 try:

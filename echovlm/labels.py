@@ -9,7 +9,7 @@ Reading a report's labels is regular-expression work, ~1.3 ms a ~1,400-character
 the 1.23M-report EchoPrime release on one core, under 2 minutes over 16 (scripts/bench_labels.py). Evaluation, retrieval baselines and the clinical reward
 all need the same labels of the same reports, so they are computed once, in parallel, and loaded afterwards.
 
-The key names the rule set ("echovlm-<hash of clinical.py and vocabulary.py>" or "echoprime-<hash of
+The key names the rule set ("echovlm-<hash of clinical.py, sentences.py and vocabulary.py>" or "echoprime-<hash of
 per_section.json>"), so editing the rules or switching to EchoPrime's never reads another rule set's labels. A cache
 is used only when everything in its sidecar still holds; otherwise it is recomputed and the reason printed. Both files
 are written by atomic rename, the array first: two processes computing at once (DDP ranks) write identical arrays, and
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from echovlm import clinical, vocabulary
+from echovlm import clinical, sentences, vocabulary
 from echovlm.clinical import extract_labels
 from echovlm.common import atomic_write_bytes, atomic_write_json, print0
 from echovlm.dataset import SPLITS, PreparedDataset, fingerprint
@@ -51,12 +51,12 @@ def _short_hash(data: bytes) -> str:
 def rules_key(rules=None) -> str:
     """A short stable name for the rule set: "echovlm-<12 hex>" for our rules, "echoprime-<12 hex>" for EchoPrime's.
 
-    Ours hash the source of echovlm/clinical.py and echovlm/vocabulary.py, so any edit to our rules (or the traits)
-    makes a new key; EchoPrime's hash the per_section.json bytes the rules were loaded from (PhraseRules.source).
+    Ours hash the source of echovlm/clinical.py, sentences.py and vocabulary.py, so any edit to our rules (or the
+    traits) makes a new key; EchoPrime's hash the per_section.json bytes the rules were loaded from (PhraseRules.source).
     """
     if rules is None or rules is clinical.RULES:
         h = hashlib.sha256()
-        for module in (clinical, vocabulary):
+        for module in (clinical, sentences, vocabulary):
             source = Path(module.__file__).read_bytes()
             h.update(f"{module.__name__} {len(source)}\n".encode() + source)
         return f"echovlm-{h.hexdigest()[:12]}"
@@ -73,8 +73,9 @@ def rules_key(rules=None) -> str:
 
 
 def _rules_source(rules) -> str:
-    return "echovlm.clinical (echovlm/clinical.py, echovlm/vocabulary.py)" if rules is None or rules is clinical.RULES \
-        else str(Path(rules.source).resolve())
+    ours = rules is None or rules is clinical.RULES
+    return ("echovlm.clinical (echovlm/clinical.py, echovlm/sentences.py, echovlm/vocabulary.py)" if ours
+            else str(Path(rules.source).resolve()))
 
 
 # ------------------------------------------------------------------ computing

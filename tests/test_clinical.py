@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from echovlm.clinical import extract_labels, sentences
+from echovlm.clinical import extract_labels
+from echovlm.sentences import sentences
 from echovlm.echoprime import load_echoprime_rules
 from echovlm.scoring import _weighted_auroc, binary_auroc, label_arrays, regression_metrics, score_traits
 from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS

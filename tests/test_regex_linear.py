@@ -17,7 +17,8 @@ import time
 import pytest
 
 from echovlm import clinical, synthetic
-from echovlm.clinical import extract_labels, sentences
+from echovlm.clinical import extract_labels
+from echovlm.sentences import sentences
 from echovlm.consistency import contradictions
 from echovlm.echoprime import load_echoprime_rules
 from echovlm.study_report import section_per_line
