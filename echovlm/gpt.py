@@ -5,11 +5,12 @@ ReLU^2 MLP (4x), no biases, untied input/output embeddings, logits soft-capped a
 through F.scaled_dot_product_attention.
 
 One size knob, `depth`: width = 64 * depth and heads of 128 dims (n_head = max(1, width // 128)), so a
-deeper model is also a wider one. The query heads share one key/value head (multi-query attention, kv_heads=1):
-generating a report reads every cached key and value at every token, which on a CPU is memory-bound and was
-about half of a decode step's time; one shared head halves what is read at depth 4 (2 heads). kv_heads=0 is one
-per query head, the attention of every model made before it. Default depth 8: width 512, 4 heads, 8 layers; with a 2000-token BPE
-vocabulary (3 specials included) and 512-d study embeddings that is 24.3M parameters (22.0M in the blocks).
+deeper model is also a wider one. The query heads share one key/value head (multi-query attention,
+kv_heads=1): generating a report reads every cached key and value at every token, which on a CPU is
+memory-bound and was about half of a decode step's time; one shared head halves what is read at depth 4 (2
+heads). kv_heads=0 is one per query head, the attention of every model made before it. Default depth 8:
+width 512, 4 heads, 8 layers; with a 2000-token BPE vocabulary (3 specials included) and 512-d study
+embeddings that is 24.3M parameters (22.0M in the blocks).
 
 A study enters as k >= 1 embedding vectors (EchoPrime: one 512-d study embedding). A learned projection
 (Linear(embed_dim, width) then RMSNorm, so a projected study vector has the same scale as a token

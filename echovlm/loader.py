@@ -12,9 +12,9 @@ dropped to all-unknown for a seeded fraction of the training studies (--prompt-d
 learns to write without it. A seeded fraction of the prompted studies (--swap-embeddings) reads another
 training study's embeddings instead of its own, prompt and report unchanged: where the embeddings and the
 prompt disagree, the prompt is what the report states. At inference they disagree wherever the findings head
-decides against what the embeddings look like, and wherever a user edits a finding. Rows are right padded with <|pad|> / -1. A study longer than sequence_len keeps
-its first sequence_len - k - F - 1 report tokens (and then predicts the next report token, not <|eos|>); how
-many reports this cuts is printed once per split.
+decides against what the embeddings look like, and wherever a user edits a finding. Rows are right padded
+with <|pad|> / -1. A study longer than sequence_len keeps its first sequence_len - k - F - 1 report tokens
+(and then predicts the next report token, not <|eos|>); how many reports this cuts is printed once per split.
 
 Order: each epoch is a seeded permutation of the split. So that little compute goes to padding, the
 permutation is cut into windows of `group_batches` global batches, each window is sorted by length and cut
