@@ -14,7 +14,7 @@ from echovlm import consistency
 from echovlm.common import atomic_write_bytes, atomic_write_json, atomic_write_text, new_run_dir
 from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS
 
-PRIOR_KIND = "the report of another test study (seeded shuffle, none keeps its own)"
+PRIOR_KIND = "report of another test study (seeded shuffle, none keeps its own)"
 HARD_ONLY = ("retrieval",)  # systems without a continuous score
 
 

@@ -31,10 +31,11 @@ from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, DEFAULT_VOCAB_S
 # dense bf16 peak of the accelerators we know; MFU is left out (nan) elsewhere rather than guessed
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
+# CPU: a val evaluation costs about 6 s on 2 cores, as much as 2-3 steps; every 100 steps is 4 of them in a run
 HARDWARE_DEFAULTS = {
     "cuda": dict(depth=8, total_batch_size=256, device_batch_size=64, epochs=2.0, num_steps=None, eval_every=250,
                  eval_studies=4096),
-    "cpu": dict(depth=4, total_batch_size=32, device_batch_size=32, epochs=None, num_steps=300, eval_every=50,
+    "cpu": dict(depth=4, total_batch_size=32, device_batch_size=32, epochs=None, num_steps=300, eval_every=100,
                 eval_studies=256),
 }
 # the optimiser flags' defaults (base_train's --matrix-lr etc.; bench_train builds its rows from the same)
