@@ -95,7 +95,8 @@ def setup_training(args, device, rank: int, world: int):
         loader = TrainLoader(train_split, args.total_batch_size, args.device_batch_size, rank, world, args.seed,
                              length_grouping=args.length_grouping,
                              prompt_dropout=getattr(args, "prompt_dropout", 0.0) if findings else 0.0,
-                             swap_embeddings=getattr(args, "swap_embeddings", 0.0) if findings else 0.0)
+                             swap_embeddings=getattr(args, "swap_embeddings", 0.0) if findings else 0.0,
+                             balance_findings=getattr(args, "balance_findings", 0.0) if findings else 0.0)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from e
     if args.num_steps is None:

@@ -112,6 +112,10 @@ def build_parser():
     p.add_argument("--swap-embeddings", type=float, default=0.25,
                    help="fraction of the prompted training reports read with another study's embeddings, so that "
                         "where the embeddings and the prompt disagree the report states the prompt (default %(default)g)")
+    p.add_argument("--balance-findings", type=float, default=0.0,
+                   help="a floor F: a training report whose rarest present finding has training prevalence p < F "
+                        "is drawn F/p times as often, so rare findings are read and written more (sampling with "
+                        "replacement; 0: a plain permutation each epoch; default %(default)g)")
     p.add_argument("--head-hidden", type=int, default=256,
                    help="hidden width of the findings head's MLP, 0 = linear only (default %(default)s)")
     p.add_argument("--echoprime-rules", help="label the reports with EchoPrime's per_section.json (file or checkout) "
@@ -149,16 +153,13 @@ def apply_defaults(args, device_type: str, world: int):
         fail("base_train", f"--epochs must be a number > 0, got {args.epochs}")
     if args.sequence_len is not None and args.sequence_len < 3:
         fail("base_train", f"--sequence-len must be >= 3 (one embedding, <|bos|>, one token), got {args.sequence_len}")
-    for name in ("warmup_frac", "warmdown_frac", "final_lr_frac"):
+    for name in ("warmup_frac", "warmdown_frac", "final_lr_frac", "prompt_dropout", "swap_embeddings",
+                 "balance_findings"):
         if not 0 <= getattr(args, name) <= 1:
             fail("base_train", f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     for name in OPTIM_DEFAULTS:
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             fail("base_train", f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(args, name)}")
-    if not 0 <= args.prompt_dropout <= 1:
-        fail("base_train", f"--prompt-dropout must be in [0, 1], got {args.prompt_dropout}")
-    if not 0 <= args.swap_embeddings <= 1:
-        fail("base_train", f"--swap-embeddings must be in [0, 1], got {args.swap_embeddings}")
     if args.head_hidden < 0:
         fail("base_train", f"--head-hidden must be >= 0, got {args.head_hidden}")
     if args.echoprime_rules:

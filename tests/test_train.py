@@ -284,6 +284,8 @@ def stopped(capsys, argv, code=2) -> str:
     (["--num-steps", "-1"], "--num-steps must be >= 1"), (["--num-steps", "0"], "--num-steps must be >= 1"),
     (["--epochs", "0"], "--epochs must be a number > 0"), (["--epochs", "nan"], "--epochs must be a number > 0"),
     (["--final-lr-frac", "2"], "--final-lr-frac must be in [0, 1]"), (["--matrix-lr", "-1"], "--matrix-lr must be"),
+    (["--balance-findings", "-1"], "--balance-findings must be in [0, 1]"),
+    (["--prompt-dropout", "nan"], "--prompt-dropout must be in [0, 1]"),
 ])
 def test_a_training_length_below_one_step_is_refused(dataset, tmp_path, capsys, flags, message):
     argv = train_flags(dataset, tmp_path, "bad")
