@@ -229,8 +229,8 @@ def finding_weights(labels: np.ndarray, floor: float) -> np.ndarray:
     binary = labels[:, :len(BINARY_TRAITS)]
     present = binary > 0.5  # NaN (unsettled) compares False
     prevalence = present.sum(0) / np.maximum((~np.isnan(binary)).sum(0), 1)
-    boost = np.where(present, floor / np.maximum(prevalence, 1e-9), 1.0).max(axis=1)
-    w = np.maximum(boost, 1.0)
+    # 1 for a study without a finding below the floor; the guard only spares the unused 0/0 of absent findings
+    w = np.maximum(np.where(present, floor / np.maximum(prevalence, 1e-9), 1.0).max(axis=1), 1.0)
     return w / w.sum()
 
 
