@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from echovlm.common import resolve_dtype
 from echovlm.gpt import UNKNOWN
 
 
@@ -45,7 +46,7 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         # (L, 2, B, H, max_len, head_dim); allocated at the first insert so it takes the dtype and device that
-        # k, v really have (bf16 under CUDA autocast, fp32 on CPU) without the caller having to know them
+        # k, v really have (bf16 under autocast, else fp32) without the caller having to know them
         self.kv = None
 
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
@@ -85,12 +86,15 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
 
 
 class Engine:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, dtype: str = "auto"):
+        """dtype: "bf16" autocast or "fp32"; "auto" is training's choice for this device (echovlm.common
+        bf16_native: CUDA and CPUs with native bf16 matmuls), so a model decodes in the precision it was trained in
+        on the machine that trained it."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        # bf16 matmuls on CUDA as in training; MPS and CPU run in the model's own dtype
-        self.autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+        self.dtype = resolve_dtype(dtype, self.device.type)
+        self.autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if self.dtype == "bf16"
                          else nullcontext())
 
     def _check(self, embeddings) -> list[torch.Tensor]:

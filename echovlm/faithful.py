@@ -10,7 +10,8 @@ same code serves any rule set:
 
 1. Values: where the report states LVEF or PASP away from the prompted value, the number the evaluator read is
    rewritten to the decided one in the GPT's own sentence (a range "50-55%" keeps its width, centred on it).
-   A rewrite is kept only if the evaluator then reads the decided value and every other label is unchanged.
+   A rewrite is kept only if the evaluator then reads the decided value, every other label is unchanged and
+   the report does not contradict itself more than before.
 2. Findings: where the report still misstates its prompt (or contradicts itself, echovlm.consistency), the
    GPT writes sampled drafts of the same study and prompt, and the report is assembled section by section
    ("Section: ..." lines, the layout of both the synthetic reports and EchoPrime's): starting from the draft
@@ -77,8 +78,10 @@ def _written(value: float, like: str) -> str:
 
 def set_values(text: str, codes: np.ndarray, values: np.ndarray, label, tolerance: float = TOLERANCE) -> str:
     """text with each prompted value it states away from the prompt rewritten to the prompted one, where the
-    evaluator `label` (one text -> its labels) then reads it and nothing else changes; else text as it was."""
-    labels = label(text)
+    evaluator `label` (one text -> its labels) then reads it, nothing else changes and no contradiction is added
+    (an LVEF of 42% set in a report that calls the function normal: the misstated value costs less, as in
+    cost_of); else text as it was."""
+    labels, n_contradictions = label(text), None
     for j, trait in enumerate(CONTINUOUS_TRAITS):
         want = float(values[j])
         if codes[NB + j] == UNKNOWN or labels[trait] is None or abs(labels[trait] - want) <= tolerance:
@@ -94,7 +97,10 @@ def set_values(text: str, codes: np.ndarray, values: np.ndarray, label, toleranc
             got = label(candidate)
             if (got[trait] is not None and abs(got[trait] - want) <= tolerance
                     and all(got[t] == labels[t] for t in labels if t != trait)):
-                text, labels = candidate, got
+                if n_contradictions is None:  # checked only once a rewrite is on the table: most reports need none
+                    n_contradictions = len(contradictions(text))
+                if len(contradictions(candidate)) <= n_contradictions:
+                    text, labels = candidate, got
                 break
     return text
 

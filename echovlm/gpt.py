@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from echovlm.common import bf16_native
 from echovlm.optim import Muon
 from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
 
@@ -245,7 +246,7 @@ class GPT(nn.Module):
             adam_groups += [dict(params=[self.prompt_emb.weight, self.value_emb.weight], lr=embedding_lr * scale),
                             dict(params=[self.value_proj.weight], lr=projector_lr * scale)]
         adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, weight_decay=weight_decay)
-        ns_dtype = torch.bfloat16 if self.lm_head.weight.is_cuda else torch.float32
+        ns_dtype = torch.bfloat16 if bf16_native(self.lm_head.weight.device.type) else torch.float32
         muon = Muon(self.blocks.parameters(), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, ns_dtype=ns_dtype)
         optimizers = [adamw, muon]
         for opt in optimizers:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from echovlm.common import atomic_write_text, get_rank
+from echovlm.common import atomic_write_text, get_rank, resolve_dtype
 from echovlm.dataset import open_dataset
 from echovlm.echoprime import load_echoprime_rules
 from echovlm.labels import dataset_labels
@@ -31,11 +31,13 @@ from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, DEFAULT_VOCAB_S
 # dense bf16 peak of the accelerators we know; MFU is left out (nan) elsewhere rather than guessed
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
-# CPU: a val evaluation costs about 6 s on 2 cores, as much as 2-3 steps; every 100 steps is 4 of them in a run
+# CPU: a val evaluation costs about 6 s on 2 cores, as much as 2-3 steps; every 100 steps is 4 of them in a run.
+# 360 steps fit the 20-minute speedrun with bf16 (echovlm.common.bf16_native); at 300 the GPT left the prompts
+# of 2-3 findings unwritten and the free report under the GPT-only model's (README, Results)
 HARDWARE_DEFAULTS = {
     "cuda": dict(depth=8, total_batch_size=256, device_batch_size=64, epochs=2.0, num_steps=None, eval_every=250,
                  eval_studies=4096),
-    "cpu": dict(depth=4, total_batch_size=32, device_batch_size=32, epochs=None, num_steps=300, eval_every=100,
+    "cpu": dict(depth=4, total_batch_size=32, device_batch_size=32, epochs=None, num_steps=360, eval_every=100,
                 eval_studies=256),
 }
 # the optimiser flags' defaults (base_train's --matrix-lr etc.; bench_train builds its rows from the same)
@@ -58,7 +60,7 @@ def apply_hardware_defaults(args, device_type: str, world: int):
             setattr(args, key, value)
     if args.device_batch_size * world > args.total_batch_size:
         args.device_batch_size = max(1, args.total_batch_size // world)
-    args.dtype = args.dtype if args.dtype != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    args.dtype = resolve_dtype(args.dtype, device_type)
     if args.compile is None:
         args.compile = device_type == "cuda"
 

@@ -98,7 +98,8 @@ def build_parser():
                                                             "default %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="bf16 autocast (default on CUDA) or fp32 (default elsewhere)")
+                   help="bf16 autocast or fp32 (auto: bf16 on CUDA and on CPUs with native bf16 matmuls, "
+                        "AVX512-BF16 or AMX; fp32 elsewhere)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training model (default: on CUDA)")
     p.add_argument("--no-length-grouping", dest="length_grouping", action="store_false",
@@ -112,10 +113,10 @@ def build_parser():
     p.add_argument("--swap-embeddings", type=float, default=0.25,
                    help="fraction of the prompted training reports read with another study's embeddings, so that "
                         "where the embeddings and the prompt disagree the report states the prompt (default %(default)g)")
-    p.add_argument("--balance-findings", type=float, default=0.0,
+    p.add_argument("--balance-findings", type=float, default=0.2,
                    help="a floor F: a training report whose rarest present finding has training prevalence p < F "
-                        "is drawn F/p times as often, so rare findings are read and written more (sampling with "
-                        "replacement; 0: a plain permutation each epoch; default %(default)g)")
+                        "is drawn F/p times as often (at most 10x), so rare findings are read and written more "
+                        "(sampling with replacement; 0: a plain permutation each epoch; default %(default)g)")
     p.add_argument("--head-hidden", type=int, default=256,
                    help="hidden width of the findings head's MLP, 0 = linear only (default %(default)s)")
     p.add_argument("--echoprime-rules", help="label the reports with EchoPrime's per_section.json (file or checkout) "

@@ -42,7 +42,7 @@ import torch
 from echovlm.checkpoint import load_model, read_checkpoint, save_checkpoint, set_rng_state
 from echovlm.clinical import extract_labels
 from echovlm.common import (atomic_write_json, compute_cleanup, compute_init, fail, new_run_dir, print0,
-                            remove_stale_temps, seed_everything)
+                            remove_stale_temps, resolve_dtype, seed_everything)
 from echovlm.dataset import open_dataset
 from echovlm.echoprime import load_echoprime_rules
 from echovlm.engine import Engine
@@ -92,7 +92,8 @@ def build_parser():
     p.add_argument("--run-name", default="rl", help="run directory name (a number is appended if taken)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="bf16 autocast (default on CUDA) or fp32 (default elsewhere)")
+                   help="bf16 autocast or fp32 (auto: bf16 on CUDA and on CPUs with native bf16 matmuls, "
+                        "AVX512-BF16 or AMX; fp32 elsewhere)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -111,7 +112,7 @@ def apply_defaults(args, device_type: str, world: int):
             setattr(args, key, value)
     if args.save_every is None:  # only when not given: --save-every 0 is refused below, not read as "unset"
         args.save_every = args.val_every
-    args.dtype = args.dtype if args.dtype != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    args.dtype = resolve_dtype(args.dtype, device_type)
     error = check_args(args, world)
     if error:
         fail("rl_train", error)
@@ -330,7 +331,7 @@ def loop(args, ckpt, rank, world, device, run_dir, model, ddp_model, optimizers,
 
     Ctrl-C or SIGTERM finishes the current step, saves it to last.pt and returns 130 / 143 (as base_train,
     with the same echovlm.train.StopSignals); a second one stops at once, keeping the last checkpoint."""
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, args.dtype)  # samples in the precision the step trains in
     train_model = ddp_model if ddp_model is not None else model
     autocast = make_autocast(device, args.dtype)
     ckpt_dir = run_dir / "checkpoints"

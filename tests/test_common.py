@@ -44,6 +44,22 @@ def test_device_and_single_process_init(monkeypatch):
             common.autodetect_device("cuda")
 
 
+@pytest.mark.parametrize("features, expected", [({"_is_avx512_bf16_supported": True}, "bf16"),
+                                                 ({"_is_amx_tile_supported": True}, "bf16"),
+                                                 ({}, "fp32")], ids=["avx512-bf16", "amx", "neither-or-unknown"])
+def test_auto_precision_is_bf16_only_where_the_device_multiplies_it_natively(monkeypatch, features, expected):
+    # a CPU without the instructions (or a torch without the helpers) emulates bf16, slower than fp32
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        if name in features:
+            monkeypatch.setattr(torch.cpu, name, lambda v=features[name]: v, raising=False)
+        else:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert common.resolve_dtype("auto", "cpu") == expected
+    assert common.resolve_dtype("auto", "cuda") == "bf16" and common.resolve_dtype("auto", "mps") == "fp32"
+    # an explicit choice is kept whatever the hardware
+    assert common.resolve_dtype("fp32", "cuda") == "fp32" and common.resolve_dtype("bf16", "mps") == "bf16"
+
+
 @pytest.fixture(params=[0o022, 0o002], ids=["umask022", "umask002"])
 def umask(request):
     old = os.umask(request.param)

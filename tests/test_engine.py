@@ -1,12 +1,14 @@
 """The engine against the slow obvious way: a full forward pass per token, one study at a time, no cache.
 
 An untrained GPT with random weights (fp32, CPU) stands in for a trained one: what is checked is that the
-cache, batching, grouping by k, early stopping and sample sharing change nothing about the tokens.
+cache, batching, grouping by k, early stopping and sample sharing change nothing about the tokens. The engine
+runs in fp32 here (not "auto", bf16 on some CPUs) so that it computes exactly what the naive loop does.
 """
 
 import pytest
 import torch
 
+from echovlm.common import resolve_dtype
 from echovlm.engine import Engine, KVCache, sample_next
 from echovlm.gpt import GPT, GPTConfig
 from echovlm.tokenizer import Tokenizer
@@ -74,7 +76,7 @@ def setup():
     # the smallest <|eos|> bias at which some greedy reports end early and some hit the limit
     for bias in torch.linspace(0.0, 12.0, 49).tolist():
         model = EosBias(gpt, tok.eos_id, bias)
-        lengths = [len(r[0]) for r in Engine(model, tok).generate(studies)]  # checked against naive below
+        lengths = [len(r[0]) for r in Engine(model, tok, "fp32").generate(studies)]  # checked against naive below
         if any(n < SEQ_LEN - e.shape[0] - 1 for n, e in zip(lengths, studies)) and len(set(lengths)) >= 3 \
                 and max(n + e.shape[0] + 1 for n, e in zip(lengths, studies)) == SEQ_LEN:
             return model, tok, studies, lengths
@@ -83,7 +85,7 @@ def setup():
 
 def test_batched_equals_single_equals_naive(setup):
     model, tok, studies, lengths = setup
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, "fp32")
     batched = engine.generate(studies, batch_size=64)
     single = [engine.generate([e], batch_size=1)[0] for e in studies]
     naive = [[naive_greedy(model, tok, e, SEQ_LEN - e.shape[0] - 1)] for e in studies]
@@ -94,7 +96,7 @@ def test_batched_equals_single_equals_naive(setup):
 
 def test_rows_finish_independently_at_max_tokens(setup):
     model, tok, studies, lengths = setup
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, "fp32")
     # about half the rows are cut by the limit, the others end on <|eos|> before it (k <= 3 fits in SEQ_LEN)
     limit = min(sorted(lengths)[len(lengths) // 2], SEQ_LEN - 4)
     assert min(lengths) < limit < max(lengths)
@@ -107,7 +109,7 @@ def test_rows_finish_independently_at_max_tokens(setup):
 def test_batches_group_studies_by_number_of_embeddings(setup):
     model, tok, studies, _ = setup
     model.calls.clear()
-    Engine(model, tok).generate(studies, max_tokens=3, batch_size=64)
+    Engine(model, tok, "fp32").generate(studies, max_tokens=3, batch_size=64)
     prefills = [c for c in model.calls if c[2] > 0]
     # one prefill per k (1, 2, 3), each of its studies' rows with k embeddings + <|bos|>
     assert sorted((rows, pos, slots) for rows, pos, slots in prefills) == [(2, 3, 4), (2, 4, 6), (6, 2, 6)]
@@ -115,7 +117,7 @@ def test_batches_group_studies_by_number_of_embeddings(setup):
 
 def test_sampling_is_seeded_and_samples_share_one_prefill(setup):
     model, tok, studies, _ = setup
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, "fp32")
     kw = dict(temperature=1.0, top_k=20, num_samples=3, batch_size=64, max_tokens=12)
     model.calls.clear()
     a = engine.generate(studies, seed=7, **kw)
@@ -135,7 +137,7 @@ def test_sampling_is_seeded_and_samples_share_one_prefill(setup):
 
 def test_generate_text_decodes(setup):
     model, tok, studies, _ = setup
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, "fp32")
     ids = engine.generate(studies[:2], max_tokens=8)
     assert engine.generate_text(studies[:2], max_tokens=8) == [[tok.decode(ids[0][0])], [tok.decode(ids[1][0])]]
 
@@ -164,9 +166,30 @@ def test_kv_cache_expand_and_keep():
         cache.insert_kv(0, torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4))
 
 
+def test_precision_is_the_engines_choice(setup):
+    model, tok, studies, _ = setup
+    seen = []
+
+    class Spy(torch.nn.Module):  # records the cache's dtype after each forward: what autocast made k and v
+        def __init__(self):
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def forward(self, ids, prefix, prefix_mask, kv_cache=None):
+            out = self.model(ids, prefix, prefix_mask, kv_cache=kv_cache)
+            seen.append(kv_cache.kv.dtype)
+            return out
+
+    for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        seen.clear()
+        out = Engine(Spy(), tok, dtype).generate(studies, max_tokens=4)
+        assert set(seen) == {expected} and all(len(r[0]) <= 4 for r in out)
+    assert Engine(model, tok).dtype == resolve_dtype("auto", "cpu")  # "auto": training's choice on this machine
+
+
 def test_bad_input_is_refused(setup):
     model, tok, studies, _ = setup
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, "fp32")
     with pytest.raises(ValueError, match=f"\\(k, {EMBED_DIM}\\)"):
         engine.generate([torch.zeros(1, EMBED_DIM + 1)])
     with pytest.raises(ValueError, match="NaN"):

@@ -69,6 +69,16 @@ def test_set_values_changes_nothing_it_cannot_make_the_evaluator_read():
     assert set_values("Right Ventricle: RVSP 25 mmHg.", codes, values, label) == "Right Ventricle: RVSP 25 mmHg."
 
 
+def test_set_values_adds_no_contradiction():
+    codes, values = prompt(ef=35.0)
+    # 35% beside "normal function" would contradict it: the GPT's own number (one misstated value) stays
+    text = "Left Ventricle: Normal left ventricular systolic function. LVEF 60%."
+    assert contradictions(text) == [] and contradictions(text.replace("60", "35"))
+    assert set_values(text, codes, values, label) == text
+    assert set_values("Left Ventricle: Normal size. LVEF 60%.", codes, values, label) == \
+        "Left Ventricle: Normal size. LVEF 35%."
+
+
 def test_sections_group_a_reports_lines_by_header():
     text = "Preface line.\nLeft Ventricle: a.\nmore of it\nPericardium: b.\nLeft Ventricle: c."
     assert sections(text) == [("", "Preface line."), ("left ventricle", "Left Ventricle: a.\nmore of it"),

@@ -9,7 +9,7 @@ from echovlm.engine import Engine
 from echovlm.findings import (NB, NV, FindingsHead, balanced_threshold, calibration, decide, fit_head, free_prompts,
                               label_prompts, mean_features, parse_overrides)
 from echovlm.gpt import ABSENT, GPT, PRESENT, STATED, UNKNOWN, GPTConfig
-from echovlm.loader import DeviceSplit, TrainLoader, collate, finding_weights
+from echovlm.loader import MAX_REPEAT, DeviceSplit, TrainLoader, collate, finding_weights
 from echovlm.vocabulary import BINARY_TRAITS, CONTINUOUS_TRAITS, TRAITS
 
 
@@ -203,10 +203,12 @@ def test_balanced_sampling_draws_rare_findings_more_often_and_off_is_the_uniform
     labels[:20, 0] = 1.0  # a 2% finding
     labels[::2, 1] = 1.0  # a 50% one, above the floor: no boost
     labels[500:, 2] = np.nan  # unsettled is not present
+    labels[20:25, 3] = 1.0  # a 0.5% one: 0.2 / 0.005 = 40, capped
     w = finding_weights(labels, 0.2)
     assert np.isclose(w.sum(), 1.0)
     assert np.isclose(w[0] / w[999], 10.0) and np.isclose(w[1] / w[999], 10.0)  # 0.2 / 0.02
-    assert np.isclose(w[20] / w[999], 1.0) and np.isclose(w[501] / w[999], 1.0)
+    assert np.isclose(w[20] / w[999], MAX_REPEAT) and np.isclose(w[24] / w[999], MAX_REPEAT)
+    assert np.isclose(w[30] / w[999], 1.0) and np.isclose(w[501] / w[999], 1.0)
     def make_split(labels):
         return DeviceSplit(np.arange(n * 2) % 30 + 3, np.arange(n + 1) * 2, np.ones((n, 8), np.float16),
                            np.arange(n + 1), 0, 1, 2, None, "cpu", labels=labels)
@@ -214,7 +216,7 @@ def test_balanced_sampling_draws_rare_findings_more_often_and_off_is_the_uniform
     split = make_split(labels)
     drawn = np.concatenate([TrainLoader(split, 100, 100, seed=s, balance_findings=0.2)._epoch_order(0).ravel()
                             for s in range(5)])
-    assert 0.13 < np.mean(drawn < 20) < 0.21  # 200 / 1180 = 0.17 expected, 0.02 uniform
+    assert 0.13 < np.mean(drawn < 20) < 0.21  # 200 / 1225 = 0.16 expected, 0.02 uniform
     plain, off = TrainLoader(split, 100, 100, seed=3), TrainLoader(split, 100, 100, seed=3, balance_findings=0.0)
     assert np.array_equal(plain._epoch_order(0), off._epoch_order(0))
     with pytest.raises(ValueError, match="needs the split's labels"):
