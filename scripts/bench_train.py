@@ -3,10 +3,13 @@ baseline measured in the same run.
 
     python -m scripts.bench_train                                   # a small synthetic dataset, made in a temp dir
     python -m scripts.bench_train --dataset data/echoprime --depth 12 --compare-compile
+    python -m scripts.bench_train --depth 4 --compare-dtype         # bf16 autocast against fp32 on this device
 
 Rows: "grouped" is base_train's set-up as it trains (length-grouped batches); the baseline is the very same
 config with plain random batches (--no-length-grouping: more padding), and "vs baseline" is the ratio of real
-tokens/s. --compare-compile adds the grouped config with torch.compile switched the other way. Each row builds a
+tokens/s. --compare-compile adds the grouped config with torch.compile switched the other way, --compare-dtype
+the grouped config in the other precision (bf16 autocast or fp32; Muon's Newton-Schulz stays the device's
+choice, echovlm.common.bf16_native). Each row builds a
 fresh model and optimizers through echovlm.train.setup_training (base_train's own set-up), runs --warmup-steps
 untimed steps (allocator, kernels, compilation), then times --steps full optimisation steps (all micro batches +
 optimizer). The last column projects one epoch of --project-studies studies (default: the EchoPrime release) from the measured
@@ -52,6 +55,8 @@ def parse_args(argv=None):
                    help="torch.compile the model (default: on CUDA)")
     p.add_argument("--compare-compile", action="store_true",
                    help="add a row with the grouped config compiled the other way (eager vs compiled)")
+    p.add_argument("--compare-dtype", action="store_true",
+                   help="add a row with the grouped config in the other precision (bf16 vs fp32)")
     p.add_argument("--project-studies", type=int, default=PUBLISHED_STUDIES,
                    help="studies in the epoch whose time is projected (default: the EchoPrime release)")
     p.add_argument("--seed", type=int, default=0)
@@ -74,10 +79,10 @@ def make_synthetic_dataset(out: str, n_studies: int, seed: int):
             fail("bench_train", f"`python -m {' '.join(argv)}` failed (its message is above)", 1)
 
 
-def train_args(args, device, length_grouping: bool, compile_: bool | None):
+def train_args(args, device, length_grouping: bool, compile_: bool | None, dtype: str | None = None):
     """base_train's settings and hardware defaults for one row, so the row trains as base_train would."""
     targs = argparse.Namespace(
-        dataset=args.dataset, dtype=args.dtype, seed=args.seed, num_steps=args.warmup_steps + args.steps, epochs=None,
+        dataset=args.dataset, dtype=dtype or args.dtype, seed=args.seed, num_steps=args.warmup_steps + args.steps, epochs=None,
         depth=args.depth, total_batch_size=args.total_batch_size, device_batch_size=args.device_batch_size,
         sequence_len=None, compile=compile_, length_grouping=length_grouping, eval_every=None, eval_studies=None,
         **OPTIM_DEFAULTS)
@@ -130,6 +135,9 @@ def main(argv=None):
         if args.compare_compile:
             runs.append((f"grouped, {'eager' if targs.compile else 'compiled'}",
                          train_args(args, device, True, not targs.compile)))
+        if args.compare_dtype:
+            other = "fp32" if targs.dtype == "bf16" else "bf16"
+            runs.append((f"grouped, {other}", train_args(args, device, True, targs.compile, other)))
         rows = []
         for name, row_args in runs:
             print0(f"{name}: {args.warmup_steps} warm-up + {args.steps} timed steps ...")

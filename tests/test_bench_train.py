@@ -6,9 +6,10 @@ import math
 from scripts import bench_train
 
 
-def test_bench_train_prints_both_rows_and_grouping_pads_less(capsys):
+def test_bench_train_prints_its_rows_and_grouping_pads_less(capsys):
     assert bench_train.main(["--device", "cpu", "--synthetic-studies", "300", "--depth", "1", "--steps", "3",
-                             "--warmup-steps", "1", "--total-batch-size", "8", "--device-batch-size", "4"]) == 0
+                             "--warmup-steps", "1", "--total-batch-size", "8", "--device-batch-size", "4",
+                             "--dtype", "fp32", "--compare-dtype"]) == 0
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| run ")]
     rows = {}
@@ -17,7 +18,7 @@ def test_bench_train_prints_both_rows_and_grouping_pads_less(capsys):
         rows[name] = dict(tps=float(tps.replace(",", "")), ratio=float(ratio.rstrip("x")),
                           pad=float(pad.rstrip("%")) / 100, mfu=mfu, mem=float(mem.replace(",", "")),
                           epoch=float(epoch.split()[0].replace(",", "")))
-    assert list(rows) == ["grouped", "baseline: random batches"], out
+    assert list(rows) == ["grouped", "baseline: random batches", "grouped, bf16"], out
     for r in rows.values():
         assert math.isfinite(r["tps"]) and r["tps"] > 0
         assert 0 <= r["pad"] < 1
@@ -25,3 +26,4 @@ def test_bench_train_prints_both_rows_and_grouping_pads_less(capsys):
         assert r["mem"] > 0 and r["epoch"] > 0
     assert rows["baseline: random batches"]["ratio"] == 1.0
     assert rows["grouped"]["pad"] < rows["baseline: random batches"]["pad"]
+    assert rows["grouped, bf16"]["pad"] == rows["grouped"]["pad"]  # the same batches, only the precision differs
