@@ -227,14 +227,16 @@ class GPT(nn.Module):
         return 6.0 * matmul_params + 12.0 * c.n_layer * c.n_embd * (context_len or c.sequence_len)
 
     def setup_optimizers(self, matrix_lr=0.02, embedding_lr=0.2, projector_lr=0.02, unembedding_lr=0.004,
-                         weight_decay=0.0, betas=(0.8, 0.95)):
+                         weight_decay=0.0, betas=(0.8, 0.95), ns_dtype=None):
         """[AdamW for the token embedding, projector and lm_head; Muon for every 2-D block matrix].
 
         AdamW learning rates are given for width 768 and scaled by 1/sqrt(width/768) (as nanochat), so
         the same flags suit every depth. Muon orthogonalises each matrix's momentum, so its update size does
         not depend on the gradient's scale; its lr adjustment (lr * sqrt(max(1, rows/cols)), torch's
         default) is the one nanochat's Muon uses, for which lr 0.02 is tuned.
-        Each group keeps its base lr in "initial_lr": the training schedule multiplies that.
+        Each group keeps its base lr in "initial_lr": the training schedule multiplies that. Muon's Newton-Schulz
+        runs in ns_dtype, the training precision (base_train and rl_train pass their --dtype's); None: bf16 where
+        the device multiplies it natively (echovlm.common.bf16_native), else fp32.
         """
         scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [
@@ -246,7 +248,8 @@ class GPT(nn.Module):
             adam_groups += [dict(params=[self.prompt_emb.weight, self.value_emb.weight], lr=embedding_lr * scale),
                             dict(params=[self.value_proj.weight], lr=projector_lr * scale)]
         adamw = torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, weight_decay=weight_decay)
-        ns_dtype = torch.bfloat16 if bf16_native(self.lm_head.weight.device.type) else torch.float32
+        if ns_dtype is None:
+            ns_dtype = torch.bfloat16 if bf16_native(self.lm_head.weight.device.type) else torch.float32
         muon = Muon(self.blocks.parameters(), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, ns_dtype=ns_dtype)
         optimizers = [adamw, muon]
         for opt in optimizers:

@@ -13,8 +13,8 @@ class Muon(torch.optim.Optimizer):
 
     torch.optim.Muon always orthogonalises in bfloat16, which CPUs without bf16 units (AVX2) emulate: on
     our 2-core test machine that made a depth-4 Muon step take 30 s, ~3x the forward and backward pass. The
-    math below is torch's, line for line (tests/test_gpt.py checks equality in bf16); setup_optimizers picks
-    bf16 where the device multiplies bf16 natively (echovlm.common.bf16_native) and fp32 elsewhere.
+    math below is torch's, line for line (tests/test_gpt.py checks equality in bf16); the training CLIs run it
+    in their precision (--dtype: bf16 where the device multiplies bf16 natively, echovlm.common.bf16_native).
     """
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,

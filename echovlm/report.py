@@ -152,7 +152,8 @@ def build_card(run: Path, wall_seconds: int | None = None, gpu_hourly_usd: float
     if summary:
         lines += [f"- parameters: {fmt(summary.get('params'))}, depth {fmt((config.get('model') or {}).get('depth'))}",
                   f"- steps: {fmt(summary.get('steps'))}, training time {fmt(summary.get('train_seconds'), '.0f')} s",
-                  f"- throughput: {fmt(summary.get('tokens_per_sec'), ',.0f')} real tokens/s, "
+                  f"- throughput: {fmt(summary.get('tokens_per_sec'), ',.0f')} real tokens/s in "
+                  f"{fmt(((config.get('args') or {}).get('flags') or {}).get('dtype'))}, "
                   f"MFU {fmt(summary.get('mfu'), '.1%')}, padding {fmt(summary.get('padding_fraction'), '.1%')}",
                   f"- val bpb: final {fmt(summary.get('final_val_bpb'))}, best {fmt(summary.get('best_val_bpb'))}"]
     else:

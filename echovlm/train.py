@@ -46,6 +46,9 @@ TRAIN_FIELDS = ["step", "loss", "lr", "lr_mult", "tokens_per_sec", "padding_frac
 VAL_FIELDS = ["step", "val_loss", "val_bpb"]
 
 
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # a resolved --dtype
+
+
 def make_autocast(device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
@@ -110,7 +113,7 @@ def setup_training(args, device, rank: int, world: int):
     model = GPT(config).to(device)
     optimizers = model.setup_optimizers(matrix_lr=args.matrix_lr, embedding_lr=args.embedding_lr,
                                         projector_lr=args.projector_lr, unembedding_lr=args.unembedding_lr,
-                                        weight_decay=args.weight_decay)
+                                        weight_decay=args.weight_decay, ns_dtype=TORCH_DTYPES[args.dtype])
     return tok_dir, tokenizer, train_split, val_split, loader, config, model, optimizers
 
 

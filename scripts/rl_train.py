@@ -48,8 +48,8 @@ from echovlm.echoprime import load_echoprime_rules
 from echovlm.engine import Engine
 from echovlm.reward import RewardWeights, rewards
 from echovlm.rl import advantages, label_and_check, policy_gradient_step, sample_and_score
-from echovlm.train import (OPTIM_DEFAULTS, StopSignals, all_reduce_sum, lr_multiplier, make_autocast, plot, read_csv,
-                           write_csv)
+from echovlm.train import (OPTIM_DEFAULTS, TORCH_DTYPES, StopSignals, all_reduce_sum, lr_multiplier, make_autocast,
+                           plot, read_csv, write_csv)
 
 RL_DEFAULTS = {
     "cuda": dict(num_steps=200, studies_per_step=64, samples=8, val_every=25, val_studies=1024, device_batch_size=128,
@@ -284,7 +284,7 @@ def prepare(args, ckpt, ddp, rank, world, device) -> dict:
     every input is checked) the run directory with its config.json."""
     model, tokenizer, info, dataset, rules = load_base(args, device)
     lrs = {k: v * args.lr_frac if k != "weight_decay" else v for k, v in base_flags(args.base).items()}
-    optimizers = model.setup_optimizers(**lrs)
+    optimizers = model.setup_optimizers(**lrs, ns_dtype=TORCH_DTYPES[args.dtype])
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"]):

@@ -28,7 +28,7 @@ def fixed_samples(model, tokenizer, dataset) -> Samples:
     """The same samples in every process: the same weights, studies and seed."""
     refs = [extract_labels(r) for r in dataset.reports("train")[:STUDIES]]
     weights = RewardWeights.from_labels([extract_labels(r) for r in dataset.reports("train")[:100]])
-    return sample_and_score(Engine(model, tokenizer), dataset.embeddings("train")[:STUDIES], refs, weights, GROUP,
+    return sample_and_score(Engine(model, tokenizer, "fp32"), dataset.embeddings("train")[:STUDIES], refs, weights, GROUP,
                             temperature=1.0, top_k=None, seed=7, batch_size=16, max_tokens=40)
 
 
@@ -48,7 +48,10 @@ def main(run: str, out: str):
                        [samples.texts[i] for i in rows], samples.rewards[rows], samples.contradictions[rows], GROUP)
         global_tokens = sum(len(t) + 1 for t in samples.tokens)
         model.train()
-        optimizers = model.setup_optimizers(matrix_lr=0.01, embedding_lr=0.01, projector_lr=0.01, unembedding_lr=0.01)
+        # fp32 throughout, whatever the CPU: bf16 would turn the all-reduce's summation-order rounding into bf16
+        # steps, and what is compared is the split over ranks, not the precision
+        optimizers = model.setup_optimizers(matrix_lr=0.01, embedding_lr=0.01, projector_lr=0.01, unembedding_lr=0.01,
+                                            ns_dtype=torch.float32)
         ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ddp else None
         policy_gradient_step(ddp_model or model, ddp_model, model, optimizers, mine, adv[rows], global_tokens,
                              tokenizer, model.config.sequence_len, 2, nullcontext(), world)

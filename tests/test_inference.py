@@ -194,6 +194,11 @@ def test_knn_baseline_is_named_by_its_k_and_contradictions_are_counted(tiny_run,
     (card_run / "eval" / "metrics.json").write_text((out / "metrics.json").read_text())
     row = next(line for line in build_card(card_run).splitlines() if line.startswith("| model |"))
     assert "(knn7)" in row and row.endswith("| 0.0 |"), row
+    # and the precision the model trained in, beside its speed
+    (card_run / "model").mkdir()
+    (card_run / "model" / "train_summary.json").write_text(json.dumps({"params": 10, "tokens_per_sec": 5.0}))
+    (card_run / "model" / "config.json").write_text(json.dumps({"args": {"flags": {"dtype": "bf16"}}}))
+    assert "- throughput: 5 real tokens/s in bf16, MFU n/a" in build_card(card_run)
 
 
 @pytest.mark.slow

@@ -68,7 +68,7 @@ def dataset(tmp_path_factory):
 def train_flags(dataset, run_dir, name, steps=8, extra=()):
     return ["--dataset", str(dataset), "--run-dir", str(run_dir), "--run-name", name, "--depth", "1",
             "--num-steps", str(steps), "--total-batch-size", "8", "--device-batch-size", "4", "--eval-every", "4",
-            "--eval-studies", "16", "--log-every", "2", "--device", "cpu", "--seed", "3", *extra]
+            "--eval-studies", "16", "--log-every", "2", "--device", "cpu", "--dtype", "fp32", "--seed", "3", *extra]
 
 
 def read_rows(path: Path) -> list[dict]:
