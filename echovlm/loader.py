@@ -235,8 +235,8 @@ def finding_weights(labels: np.ndarray, floor: float) -> np.ndarray:
     present = binary > 0.5  # NaN (unsettled) compares False
     prevalence = present.sum(0) / np.maximum((~np.isnan(binary)).sum(0), 1)
     # 1 for a study without a finding below the floor; the guard only spares the unused 0/0 of absent findings
-    w = np.maximum(np.where(present, floor / np.maximum(prevalence, 1e-9), 1.0).max(axis=1), 1.0)
-    return np.minimum(w, MAX_REPEAT) / np.minimum(w, MAX_REPEAT).sum()
+    w = np.clip(np.where(present, floor / np.maximum(prevalence, 1e-9), 1.0).max(axis=1), 1.0, MAX_REPEAT)
+    return w / w.sum()
 
 
 class TrainLoader:
