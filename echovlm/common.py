@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NoReturn
 
@@ -74,6 +75,11 @@ def bf16_native(device_type: str) -> bool:
 def resolve_dtype(dtype: str, device_type: str) -> str:
     """A --dtype flag's value: "auto" becomes bf16 where bf16_native, else fp32; "bf16" and "fp32" are kept."""
     return dtype if dtype != "auto" else ("bf16" if bf16_native(device_type) else "fp32")
+
+
+def make_autocast(device, dtype: str):
+    """The context a resolved dtype computes in: bf16 autocast on that device, or nothing (fp32)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
 
 def compute_init(preferred: str = "auto"):

@@ -23,13 +23,11 @@ and batch_size give the same samples every run on the same device; a different b
 draws each row gets (the generator is shared by the batch), greedy output never depends on it.
 """
 
-from contextlib import nullcontext
-
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from echovlm.common import resolve_dtype
+from echovlm.common import make_autocast, resolve_dtype
 from echovlm.gpt import UNKNOWN
 
 
@@ -94,8 +92,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = resolve_dtype(dtype, self.device.type)
-        self.autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if self.dtype == "bf16"
-                         else nullcontext())
+        self.autocast = make_autocast(self.device, self.dtype)
 
     def _check(self, embeddings) -> list[torch.Tensor]:
         embed_dim = self.model.config.embed_dim

@@ -49,10 +49,6 @@ VAL_FIELDS = ["step", "val_loss", "val_bpb"]
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # a resolved --dtype
 
 
-def make_autocast(device, dtype: str):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
-
-
 def apply_hardware_defaults(args, device_type: str, world: int):
     """Fill the size and precision flags left as None with HARDWARE_DEFAULTS for this device; a given
     --num-steps excludes the default --epochs and the other way round."""

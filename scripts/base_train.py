@@ -37,14 +37,13 @@ from echovlm.checkpoint import read_checkpoint, save_checkpoint, set_rng_state
 from echovlm.echoprime import load_echoprime_rules
 from echovlm.findings import FindingsHead, fit_head, split_features
 from echovlm.labels import rules_key
-from echovlm.common import (atomic_write_json, compute_cleanup, compute_init, fail, new_run_dir, print0,
-                            seed_everything)
+from echovlm.common import (atomic_write_json, compute_cleanup, compute_init, fail, make_autocast, new_run_dir,
+                            print0, seed_everything)
 from echovlm.tokenizer import STATS_FILE
 from echovlm.vocabulary import DEFAULT_VOCAB_SIZE
 from echovlm.train import (HARDWARE_DEFAULTS, OPTIM_DEFAULTS, TRAIN_FIELDS, VAL_FIELDS, InputError, StopSignals,
-                           all_reduce_sum, apply_hardware_defaults, evaluate, lr_multiplier, make_autocast,
-                           muon_momentum, peak_flops, peak_memory_mb, plot, read_csv, setup_training, train_step,
-                           write_csv)
+                           all_reduce_sum, apply_hardware_defaults, evaluate, lr_multiplier, muon_momentum, peak_flops,
+                           peak_memory_mb, plot, read_csv, setup_training, train_step, write_csv)
 
 GPU, CPU = HARDWARE_DEFAULTS["cuda"], HARDWARE_DEFAULTS["cpu"]
 # flags that say where a new run goes or what hardware runs it: a resume may give other values

@@ -30,10 +30,10 @@ from contextlib import nullcontext
 
 import torch
 
-from echovlm.common import autodetect_device, fail, print0, seed_everything
+from echovlm.common import autodetect_device, fail, make_autocast, print0, seed_everything
 from echovlm.echoprime import PUBLISHED_STUDIES
-from echovlm.train import (OPTIM_DEFAULTS, apply_hardware_defaults, make_autocast, peak_flops, peak_memory_mb,
-                           setup_training, train_step)
+from echovlm.train import (OPTIM_DEFAULTS, apply_hardware_defaults, peak_flops, peak_memory_mb, setup_training,
+                           train_step)
 
 # bench-only defaults; batch sizes (and the CUDA depth) are base_train's hardware defaults
 BENCH_DEFAULTS = {"cuda": dict(steps=30, warmup_steps=10, synthetic_studies=32_000),

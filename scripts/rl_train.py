@@ -41,15 +41,15 @@ import torch
 
 from echovlm.checkpoint import load_model, read_checkpoint, save_checkpoint, set_rng_state
 from echovlm.clinical import extract_labels
-from echovlm.common import (atomic_write_json, compute_cleanup, compute_init, fail, new_run_dir, print0,
-                            remove_stale_temps, resolve_dtype, seed_everything)
+from echovlm.common import (atomic_write_json, compute_cleanup, compute_init, fail, make_autocast, new_run_dir,
+                            print0, remove_stale_temps, resolve_dtype, seed_everything)
 from echovlm.dataset import open_dataset
 from echovlm.echoprime import load_echoprime_rules
 from echovlm.engine import Engine
 from echovlm.reward import RewardWeights, rewards
 from echovlm.rl import advantages, label_and_check, policy_gradient_step, sample_and_score
-from echovlm.train import (OPTIM_DEFAULTS, TORCH_DTYPES, StopSignals, all_reduce_sum, lr_multiplier, make_autocast,
-                           plot, read_csv, write_csv)
+from echovlm.train import (OPTIM_DEFAULTS, TORCH_DTYPES, StopSignals, all_reduce_sum, lr_multiplier, plot,
+                           read_csv, write_csv)
 
 RL_DEFAULTS = {
     "cuda": dict(num_steps=200, studies_per_step=64, samples=8, val_every=25, val_studies=1024, device_batch_size=128,
